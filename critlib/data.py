@@ -1,0 +1,132 @@
+"""Evaluation data: text or token ids, cut into non-overlapping windows, split into scoring and held-out sets."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import CritlibError
+
+CORPORA = Path(__file__).parent / "corpora"
+
+
+@dataclass
+class Windows:
+    """Token windows `[n, seq_len]` (int64) for scoring and for held-out evaluation; never overlapping."""
+    score: torch.Tensor
+    heldout: torch.Tensor
+    source: str
+    sha256: str  # of all token ids of the source, int64 little-endian
+
+    def describe(self) -> dict:
+        return {"source": self.source, "sha256": self.sha256, "n_score": int(self.score.shape[0]),
+                "n_heldout": int(self.heldout.shape[0]), "seq_len": int(self.score.shape[1])}
+
+
+def builtin_corpora() -> list[str]:
+    return sorted(p.stem for p in CORPORA.glob("*.txt"))
+
+
+def read_texts(source: str, text_field: str = "text") -> list[str]:
+    """Texts from a built-in corpus name, a .txt file or a .jsonl file (one object per line)."""
+    if source in builtin_corpora():
+        return [(CORPORA / f"{source}.txt").read_text(encoding="utf-8")]
+    path = Path(source)
+    if not path.is_file():
+        raise CritlibError(f"data '{source}' is neither a built-in corpus ({', '.join(builtin_corpora())}) "
+                           "nor an existing .txt, .jsonl or .npy file; check the path")
+    if path.suffix == ".jsonl":
+        texts = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CritlibError(f"{path} line {i} is not valid JSON ({e.msg}); fix or remove it") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+                raise CritlibError(f"{path} line {i} has no string field '{text_field}'; set text_field to "
+                                   "the field that holds the text")
+            texts.append(obj[text_field])
+        return texts
+    try:
+        return [path.read_text(encoding="utf-8")]
+    except UnicodeDecodeError:
+        raise CritlibError(f"{path} is not UTF-8 text; give a UTF-8 .txt/.jsonl or a .npy of token ids") from None
+
+
+def tokenize(texts: list[str], tokenizer) -> np.ndarray:
+    """All texts tokenized once (no special tokens) and concatenated, separated by EOS when there is one."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    ids: list[int] = []
+    for i, text in enumerate(texts):
+        if i and eos is not None:
+            ids.append(eos)
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return np.asarray(ids, dtype=np.int64)
+
+
+def windows_from_ids(ids: np.ndarray, seq_len: int, bos: int | None) -> np.ndarray:
+    """Non-overlapping windows of `seq_len` tokens; with `bos`, each window is BOS + seq_len-1 text tokens."""
+    body = seq_len - 1 if bos is not None else seq_len
+    n = len(ids) // body
+    out = ids[: n * body].reshape(n, body)
+    if bos is not None:
+        out = np.concatenate([np.full((n, 1), bos, dtype=np.int64), out], axis=1)
+    return out
+
+
+def load_windows(source: str, tokenizer, seq_len: int, n_score: int, n_heldout: int,
+                 prepend_bos: bool = True, seed: int = 0, text_field: str = "text",
+                 vocab_size: int | None = None) -> Windows:
+    """Windows for scoring and held-out evaluation.
+
+    A `.npy` of shape [n, seq_len] is used exactly as given (rows in order: the first n_score score, the
+    next n_heldout are held out). Text is cut into windows; with seed 0 the windows are taken in order,
+    any other seed shuffles which windows score and which are held out (never the same window in both).
+    `random` draws uniform token ids (seeded) for benchmarks on synthetic models.
+    """
+    if source == "random":
+        if vocab_size is None:
+            raise CritlibError("data: random needs the model's vocabulary size")
+        gen = torch.Generator().manual_seed(seed)
+        arr = torch.randint(0, vocab_size, (n_score + n_heldout, seq_len), generator=gen).numpy()
+    elif source.endswith(".npy"):
+        path = Path(source)
+        if not path.is_file():
+            raise CritlibError(f"token file {path} does not exist; check the path")
+        arr = np.load(path, allow_pickle=False)
+        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+            raise CritlibError(f"{path} must be an integer array [n_sequences, seq_len], got {arr.dtype} {arr.shape}")
+        if arr.shape[1] != seq_len:
+            raise CritlibError(f"{path} has windows of {arr.shape[1]} tokens but seq_len={seq_len}; set seq_len: {arr.shape[1]}")
+        if arr.shape[0] < n_score + n_heldout:
+            raise CritlibError(f"{path} has {arr.shape[0]} windows, fewer than n_sequences + n_heldout = "
+                               f"{n_score + n_heldout}; lower them or give more windows")
+        arr = arr.astype(np.int64)[: n_score + n_heldout]
+    else:
+        if tokenizer is None:
+            raise CritlibError("this model has no tokenizer, so text data cannot be used; give token ids as a "
+                               ".npy file, data: random, or set tokenizer: to a tokenizer directory or 'default'")
+        ids = tokenize(read_texts(source, text_field), tokenizer)
+        bos = tokenizer.bos_token_id if prepend_bos else None
+        arr = windows_from_ids(ids, seq_len, bos)
+        need = n_score + n_heldout
+        if len(arr) < need:
+            raise CritlibError(f"data '{source}' gives {len(ids)} tokens = {len(arr)} windows of {seq_len}, but "
+                               f"n_sequences + n_heldout = {need} are needed; give more text or lower seq_len, "
+                               "n_sequences or n_heldout")
+        if seed:
+            order = np.random.default_rng(seed).permutation(len(arr))
+            arr = arr[order]
+        arr = arr[:need]
+    if vocab_size is not None and arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        raise CritlibError(f"token ids must lie in [0, {vocab_size}) for this model, found {arr.min()}..{arr.max()}")
+    sha = hashlib.sha256(np.ascontiguousarray(arr, dtype="<i8").tobytes()).hexdigest()
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    return Windows(t[:n_score], t[n_score:n_score + n_heldout], source, sha)

@@ -1,0 +1,223 @@
+"""Per-weight sensitivity scores, computed one tensor at a time and handed to a callback, never all at once.
+
+- grad_x_weight = |g ⊙ w| and grad_squared = g², g the gradient of the mean next-token loss over ALL
+  scoring tokens (each micro-batch's loss is a sum divided by the total token count, so g does not depend
+  on the batch size);
+- fisher = Σᵢ gᵢ², gᵢ the gradient of sequence i's mean token loss (empirical Fisher diagonal);
+- magnitude = |w|;
+- wanda = |w| · ‖x‖₂ of the weight's input channel over all scoring tokens: Linear and Conv1D weights use
+  their input features, embeddings their one-hot input (‖x_t‖ = √count(t)), a tied lm_head/embedding its
+  lm_head input, norm scales their normalised input (|w_j|·‖x̂_j‖ = ‖y_j − b_j‖), biases the constant 1.
+
+A gradient score is emitted from `register_post_accumulate_grad_hook` on the last micro-batch, the moment
+that tensor's gradient is final, and the gradient is freed right after.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import CritlibError
+
+GRAD_METRICS = ("grad_x_weight", "grad_squared", "fisher")
+Emit = Callable[[str, str, torch.Tensor], None]  # (metric, param name, fp32 scores shaped like the param)
+
+
+def scored_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """Every parameter once: a tied matrix appears under its first name only."""
+    return list(model.named_parameters())
+
+
+def token_loss_sum(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Sum over the batch of the next-token cross-entropy, in fp32."""
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+
+
+@contextmanager
+def hooks(handles: list):
+    """Hold hook handles and remove every one of them on exit, error or not."""
+    try:
+        yield handles
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class InputNorms:
+    """Running Σx² per input channel (fp32) of every module a wanda score needs, plus the token count."""
+
+    def __init__(self, model: torch.nn.Module):
+        from transformers.pytorch_utils import Conv1D
+        self.sq: dict[str, torch.Tensor] = {}
+        self.n_tokens = 0
+        self.kind: dict[int, tuple[str, str]] = {}  # id(param) -> (kind, module name)
+        self.modules: list[tuple[str, torch.nn.Module, str]] = []
+        for mname, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                kind = "linear"
+            elif isinstance(mod, Conv1D):
+                kind = "conv1d"
+            elif isinstance(mod, torch.nn.Embedding):
+                kind = "embedding"
+            elif isinstance(getattr(mod, "weight", None), torch.nn.Parameter) and mod.weight.ndim == 1 \
+                    and not list(mod.children()):
+                kind = "scale"
+            else:
+                continue
+            self.modules.append((mname, mod, kind))
+            w = mod.weight
+            if id(w) not in self.kind or kind in ("linear", "conv1d"):
+                self.kind[id(w)] = (kind, mname)
+            b = getattr(mod, "bias", None)
+            if isinstance(b, torch.nn.Parameter):
+                self.kind[id(b)] = ("bias", mname)
+
+    def attach(self, handles: list) -> None:
+        for mname, mod, kind in self.modules:
+            handles.append(mod.register_forward_hook(self._hook(mname, kind)))
+
+    def _hook(self, mname: str, kind: str):
+        def hook(mod, args, out):
+            with torch.no_grad():
+                if kind == "embedding":
+                    ids = args[0].reshape(-1)
+                    add = torch.bincount(ids, minlength=mod.num_embeddings).float()
+                elif kind == "scale":
+                    y = out.float()
+                    b = getattr(mod, "bias", None)
+                    if b is not None:
+                        y = y - b.float()
+                    add = y.pow(2).reshape(-1, y.shape[-1]).sum(0)
+                else:
+                    x = args[0].float()
+                    add = x.pow(2).reshape(-1, x.shape[-1]).sum(0)
+                if mname in self.sq:
+                    self.sq[mname] += add
+                else:
+                    self.sq[mname] = add
+        return hook
+
+    def score(self, p: torch.nn.Parameter) -> torch.Tensor | None:
+        """wanda scores of parameter `p`, or None when no rule covers it."""
+        if id(p) not in self.kind:
+            return None
+        kind, mname = self.kind[id(p)]
+        w = p.detach().float().abs()
+        if kind == "bias":
+            return w * float(self.n_tokens) ** 0.5
+        norm = self.sq[mname].sqrt().to(w.device)
+        if kind == "linear":
+            return w * norm[None, :]
+        if kind == "conv1d":
+            return w * norm[:, None]
+        if kind == "embedding":
+            return w * norm[:, None]
+        return norm.clone()  # scale: |w_j|·‖x̂_j‖ = ‖y_j − b_j‖
+
+
+def _check_finite(name: str, g: torch.Tensor) -> None:
+    if not torch.isfinite(g).all():
+        raise CritlibError(f"the gradient of {name} has NaN or inf values; use dtype fp32, check the weights "
+                           "for NaN/inf, or try other data")
+
+
+def score_model(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], emit: Emit,
+                batch_size: int = 8, fisher_dtype: torch.dtype = torch.float32, progress: bool = True,
+                desc: str = "scoring") -> list[str]:
+    """Compute `metrics` for every parameter of `model` on `windows` [n, seq_len], calling `emit` once per
+    (metric, parameter). Returns the names of parameters that wanda could not score (no input rule)."""
+    params = scored_parameters(model)
+    device = params[0][1].device
+    windows = windows.to(device)
+    unscored: list[str] = []
+    if "magnitude" in metrics:
+        for name, p in params:
+            emit("magnitude", name, p.detach().float().abs())
+    grad_metrics = [m for m in GRAD_METRICS if m in metrics]
+    norms = InputNorms(model) if "wanda" in metrics else None
+    with hooks([]) as handles:
+        if norms is not None:
+            norms.attach(handles)
+        if grad_metrics:
+            _gradient_pass(model, params, windows, grad_metrics, emit, batch_size, fisher_dtype, progress, desc)
+        elif norms is not None:
+            with torch.no_grad():
+                for batch in tqdm(windows.split(batch_size), desc=f"{desc} (activations)", disable=not progress):
+                    model(input_ids=batch)
+    if norms is not None:
+        norms.n_tokens = windows.numel()
+        for name, p in params:
+            s = norms.score(p)
+            if s is None:
+                unscored.append(name)
+            else:
+                emit("wanda", name, s)
+    return unscored
+
+
+def _gradient_pass(model, params, windows, grad_metrics, emit, batch_size, fisher_dtype, progress, desc):
+    fisher = "fisher" in grad_metrics
+    need_g = [m for m in grad_metrics if m != "fisher"]
+    n_total = windows.shape[0] * (windows.shape[1] - 1)
+    per_seq = n_total / windows.shape[0]
+    batches = windows.split(1 if fisher else batch_size)
+    state = {"last": False}
+    acc: dict[str, torch.Tensor] = {}
+
+    def pre(name, p):
+        def hook(g):
+            _check_finite(name, g)
+            gi = g.float() * (n_total / per_seq)  # this sequence's own mean-loss gradient
+            if name in acc:
+                acc[name].add_(gi.square().to(fisher_dtype))
+            else:
+                acc[name] = gi.square().to(fisher_dtype)
+        return hook
+
+    def post(name):
+        def hook(p):
+            if not state["last"]:
+                if not need_g:
+                    p.grad = None
+                return
+            g = p.grad
+            if need_g:
+                _check_finite(name, g)
+                if "grad_squared" in need_g:
+                    emit("grad_squared", name, g.float().square())
+                if "grad_x_weight" in need_g:
+                    s = g.float() if g.dtype != torch.float32 else g
+                    emit("grad_x_weight", name, s.mul_(p.detach().float()).abs_())
+            if fisher:
+                emit("fisher", name, acc.pop(name).float())
+            p.grad = None
+        return hook
+
+    was_training = model.training
+    model.eval()
+    try:
+        with hooks([]) as handles:
+            for name, p in params:
+                p.requires_grad_(True)
+                p.grad = None
+                if fisher:
+                    handles.append(p.register_hook(pre(name, p)))
+                handles.append(p.register_post_accumulate_grad_hook(post(name)))
+            with torch.enable_grad():
+                for i, batch in enumerate(tqdm(batches, desc=desc, disable=not progress)):
+                    state["last"] = i == len(batches) - 1
+                    loss = token_loss_sum(model, batch) / n_total
+                    if not torch.isfinite(loss):
+                        raise CritlibError("the loss is NaN or inf; use dtype fp32, check the weights for NaN/inf, "
+                                           "or try other data")
+                    loss.backward()
+    finally:
+        for _, p in params:
+            p.grad = None
+        model.train(was_training)

@@ -1,0 +1,190 @@
+"""Phase 1: score every weight by each metric, keep exact top-K candidates and full-model statistics.
+
+Two passes over the same data: pass 1 ranks and histograms; pass 2 (same scores, recomputed) pins exact
+percentiles and gathers every metric's score at the union of all global top-K sets for cross-metric
+Spearman. Nothing ever holds all scores of a model.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import CritlibError
+from .layout import Part, component_at, is_token_matrix, layer_of, parts_of
+from .rank import TopK
+from .scores import scored_parameters, score_model
+from .stats import Stats
+
+COLUMNS = ["metric", "scope", "rank", "param", "layer", "component", "row", "col", "score", "weight",
+           "token_id", "token"]
+
+
+@dataclass
+class Sensitivity:
+    """What Phase 1 found: per-metric top-K candidates, statistics and cross-metric agreement."""
+    metrics: list[str]
+    order: list[str]  # parameter names in model order (the tie-break)
+    shapes: dict[str, tuple[int, ...]]
+    parts: dict[str, list[Part]]
+    topk: dict[str, TopK]
+    stats: dict[str, dict]
+    topk_global: int
+    topk_per_layer: int
+    gathered: dict[str, dict[tuple[str, int], float]] = field(default_factory=dict)
+    unscored: dict[str, list[str]] = field(default_factory=dict)
+
+    def global_top(self, metric: str, k: int | None = None) -> list[tuple[str, int, float]]:
+        return self.topk[metric].global_topk(k or self.topk_global, self.order)
+
+    def coords(self, name: str, flat: int) -> tuple[int, int | None]:
+        shape = self.shapes[name]
+        if len(shape) < 2:
+            return flat, None
+        ncol = int(np.prod(shape[1:]))
+        return flat // ncol, flat % ncol
+
+
+def _groups(name: str, parts: list[Part]) -> list[tuple[list[str], Part | None]]:
+    layer = layer_of(name)
+    base = ["global", f"layer:{'none' if layer is None else layer}"]
+    if len(parts) == 1 and parts[0].dim is None:
+        return [(base + [f"component:{parts[0].component}"], None)]
+    return [(base, None)] + [([f"component:{p.component}"], p) for p in parts]
+
+
+def _feed(stats: Stats, groups, scores: torch.Tensor) -> None:
+    for names, part in groups:
+        x = scores if part is None else scores.narrow(part.dim, part.start, part.stop - part.start)
+        stats.add(names, x)
+
+
+def check_k(model: torch.nn.Module, topk_per_layer: int, topk_global: int) -> None:
+    params = scored_parameters(model)
+    smallest = min(params, key=lambda np_: np_[1].numel())
+    if topk_per_layer > smallest[1].numel():
+        raise CritlibError(f"topk_per_layer={topk_per_layer} is larger than tensor {smallest[0]} "
+                           f"({smallest[1].numel()} weights); choose topk_per_layer ≤ {smallest[1].numel()}")
+    total = sum(p.numel() for _, p in params)
+    if topk_global > total:
+        raise CritlibError(f"topk_global={topk_global} exceeds the model's {total} weights; lower it")
+
+
+def analyze(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], topk_global: int = 1000,
+            topk_per_layer: int = 100, batch_size: int = 8, exact_stats: bool = True,
+            chunk_size: int = 1 << 22, fisher_dtype: torch.dtype = torch.float32,
+            progress: bool = True) -> Sensitivity:
+    check_k(model, topk_per_layer, topk_global)
+    params = scored_parameters(model)
+    config = getattr(model, "config", None)
+    order = [n for n, _ in params]
+    shapes = {n: tuple(p.shape) for n, p in params}
+    parts = {n: parts_of(n, shapes[n], config) for n in order}
+    groups = {n: _groups(n, parts[n]) for n in order}
+    k_cand = max(topk_global, topk_per_layer)
+    topk = {m: TopK(k_cand, chunk_size) for m in metrics}
+    stats = {m: Stats(chunk_size) for m in metrics}
+
+    def emit1(metric, name, s):
+        topk[metric].add(name, s)
+        _feed(stats[metric], groups[name], s)
+
+    unscored = score_model(model, windows, metrics, emit1, batch_size, fisher_dtype, progress, "pass 1/2")
+    result = Sensitivity(metrics, order, shapes, parts, topk, {}, topk_global, topk_per_layer,
+                         unscored={"wanda": unscored} if unscored else {})
+    union: dict[str, list[int]] = {}
+    if len(metrics) > 1:
+        for m in metrics:
+            for name, flat, _ in result.global_top(m):
+                union.setdefault(name, []).append(flat)
+    gathered: dict[str, dict[tuple[str, int], float]] = {m: {} for m in metrics}
+    if exact_stats or union:
+        for s in stats.values():
+            if exact_stats:
+                s.start_refine()
+        idx = {n: torch.tensor(sorted(set(v))) for n, v in union.items()}
+
+        def emit2(metric, name, s):
+            if exact_stats:
+                _feed(stats[metric], groups[name], s)
+            if name in idx:
+                vals = s.reshape(-1)[idx[name].to(s.device)].double().cpu().tolist()
+                gathered[metric].update({(name, int(f)): v for f, v in zip(idx[name].tolist(), vals)})
+
+        score_model(model, windows, metrics, emit2, batch_size, fisher_dtype, progress, "pass 2/2")
+    result.gathered = gathered
+    result.stats = {m: _nest(stats[m].summary()) for m in metrics}
+    return result
+
+
+def _nest(flat: dict) -> dict:
+    out = {"global": flat.get("global", {}), "per_layer": {}, "per_component": {}}
+    layer_keys = sorted((k for k in flat if k.startswith("layer:")),
+                        key=lambda k: (k == "layer:none", int(k[6:]) if k[6:].isdigit() else 0))
+    for k in layer_keys:
+        out["per_layer"][k[6:]] = flat[k]
+    for k in sorted(k for k in flat if k.startswith("component:")):
+        out["per_component"][k[10:]] = flat[k]
+    return out
+
+
+def cross_metric(result: Sensitivity, k: int | None = None) -> list[dict]:
+    """Overlap, Jaccard and Spearman (on the union, from gathered scores) of every pair of metrics' top-K."""
+    k = k or result.topk_global
+    rows = []
+    tops = {m: [(n, f) for n, f, _ in result.global_top(m, k)] for m in result.metrics}
+    for a, b in itertools.combinations(result.metrics, 2):
+        sa, sb = set(tops[a]), set(tops[b])
+        union = sorted(sa | sb, key=lambda c: (result.order.index(c[0]), c[1]))
+        row = {"metric_a": a, "metric_b": b, "k": k, "overlap": len(sa & sb),
+               "jaccard": len(sa & sb) / len(sa | sb), "n_union": len(union), "spearman": None}
+        if union and all(c in result.gathered.get(a, {}) and c in result.gathered.get(b, {}) for c in union):
+            xa = pd.Series([result.gathered[a][c] for c in union]).rank()
+            xb = pd.Series([result.gathered[b][c] for c in union]).rank()
+            row["spearman"] = float(np.corrcoef(xa, xb)[0, 1]) if xa.std() > 0 and xb.std() > 0 else None
+        rows.append(row)
+    return rows
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """A token's decoded text, quoted and escaped so spaces, newlines and special tokens are visible."""
+    text = tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return repr(text)
+
+
+def top_weights_table(result: Sensitivity, model: torch.nn.Module, tokenizer=None) -> pd.DataFrame:
+    """The `top_weights` table: each metric's global top-K and each tensor's top-K, one row per weight."""
+    params = dict(scored_parameters(model))
+    rows = []
+
+    def add(metric, scope, rank, name, flat, score):
+        row, col = result.coords(name, flat)
+        weight = float(params[name].detach().reshape(-1)[flat])
+        token_id = token = None
+        if is_token_matrix(name) and len(result.shapes[name]) == 2:
+            token_id = row
+            token = token_text(tokenizer, row) if tokenizer is not None else None
+        rows.append((metric, scope, rank, name, layer_of(name), component_at(result.parts[name], row, col),
+                     row, col, score, weight, token_id, token))
+
+    for m in result.metrics:
+        for r, (name, flat, score) in enumerate(result.global_top(m), 1):
+            add(m, "global", r, name, flat, score)
+        for name in result.order:
+            if name not in result.topk[m].candidates:
+                continue
+            vals, idx = result.topk[m].per_tensor(name, result.topk_per_layer)
+            for r, (score, flat) in enumerate(zip(vals.tolist(), idx.tolist()), 1):
+                add(m, "per_layer", r, name, flat, score)
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    for c in ("layer", "row", "col", "token_id"):
+        df[c] = df[c].astype("Int64")
+    df["rank"] = df["rank"].astype("int64")
+    df["score"] = df["score"].astype("float64")
+    df["weight"] = df["weight"].astype("float64")
+    df["token"] = df["token"].astype("string")
+    return df
