@@ -36,10 +36,17 @@ class Sensitivity:
     topk_global: int
     topk_per_layer: int
     gathered: dict[str, dict[tuple[str, int], float]] = field(default_factory=dict)
+    bottom: dict[str, TopK] = field(default_factory=dict)  # candidates of the LOWEST scores, negated
     unscored: dict[str, list[str]] = field(default_factory=dict)
 
     def global_top(self, metric: str, k: int | None = None) -> list[tuple[str, int, float]]:
         return self.topk[metric].global_topk(k or self.topk_global, self.order)
+
+    def global_bottom(self, metric: str, k: int) -> list[tuple[str, int, float]]:
+        """The k lowest-scored weights (ties: lowest (param, index) first); needs `analyze(bottomk=...)`."""
+        if metric not in self.bottom or k > self.bottom[metric].k:
+            raise CritlibError(f"bottom-{k} of {metric} was not kept; run analyze with bottomk ≥ {k}")
+        return [(n, f, -s) for n, f, s in self.bottom[metric].global_topk(k, self.order)]
 
     def coords(self, name: str, flat: int) -> tuple[int, int | None]:
         shape = self.shapes[name]
@@ -77,7 +84,9 @@ def check_k(model: torch.nn.Module, topk_per_layer: int, topk_global: int) -> No
 def analyze(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], topk_global: int = 1000,
             topk_per_layer: int = 100, batch_size: int = 8, exact_stats: bool = True,
             chunk_size: int = 1 << 22, fisher_dtype: torch.dtype = torch.float32,
-            progress: bool = True) -> Sensitivity:
+            progress: bool = True, bottomk: int = 0) -> Sensitivity:
+    """Score `windows` by each metric; keep exact top-K (and, with `bottomk`, bottom-K) candidates and
+    statistics over every weight."""
     check_k(model, topk_per_layer, topk_global)
     params = scored_parameters(model)
     config = getattr(model, "config", None)
@@ -88,14 +97,17 @@ def analyze(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], t
     k_cand = max(topk_global, topk_per_layer)
     topk = {m: TopK(k_cand, chunk_size) for m in metrics}
     stats = {m: Stats(chunk_size) for m in metrics}
+    bottom = {m: TopK(bottomk, chunk_size) for m in metrics} if bottomk > 0 else {}
 
     def emit1(metric, name, s):
         topk[metric].add(name, s)
+        if bottom:
+            bottom[metric].add(name, -s)
         _feed(stats[metric], groups[name], s)
 
     unscored = score_model(model, windows, metrics, emit1, batch_size, fisher_dtype, progress, "pass 1/2")
     result = Sensitivity(metrics, order, shapes, parts, topk, {}, topk_global, topk_per_layer,
-                         unscored={"wanda": unscored} if unscored else {})
+                         bottom=bottom, unscored={"wanda": unscored} if unscored else {})
     union: dict[str, list[int]] = {}
     if len(metrics) > 1:
         for m in metrics:
