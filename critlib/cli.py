@@ -31,9 +31,13 @@ def main(argv: list[str] | None = None) -> int:
         from .params import load_params
         params = load_params(args.params, args.set)
         if args.command == "score":
+            from .distributed import is_main, session
             from .pipeline import score
-            out = score(params, args.outdir, progress=not args.quiet)
-            print(f"critlib: wrote {out}")
+            with session(params.device):  # joins torchrun's process group when WORLD_SIZE > 1
+                out = score(params, args.outdir, progress=not args.quiet)
+                main_rank = is_main()
+            if main_rank:
+                print(f"critlib: wrote {out}")
         return 0
     except CritlibError as e:
         print(f"critlib: error: {e}", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -134,6 +135,7 @@ def _rebuild_buffers(model, device):
                 setattr(mod, attr, getattr(fresh, attr))
 
 
+@functools.lru_cache(maxsize=4)
 def load_tokenizer(source: str, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoTokenizer
     if source == "default":
@@ -174,6 +176,10 @@ def load_model(source: str = "default", dtype: str = "fp32", device: str = "auto
         else:
             raise CritlibError(f"unknown synthetic model '{name}'; use a config JSON path or one of: "
                                f"{', '.join(PRESETS)}")
+        if tokenizer is not None:  # a synthetic model takes its vocabulary size from the tokenizer it is given
+            tok = load_tokenizer(tokenizer, trust_remote_code, revision)
+            spec = dict(spec, vocab_size=len(tok))
+            tokenizer = None
         model = synthetic_model(make_config(spec), seed=seed, dtype=torch_dtype, device=dev)
         info.update(kind="synthetic", config=spec, seed=seed)
     else:

@@ -11,6 +11,7 @@ import torch
 
 from . import __version__
 from .data import Windows, load_windows
+from .distributed import describe, is_main
 from .evaluate import evaluate
 from .io import write_json, write_table
 from .manifest import Timer, git_commit, host, peak_memory, versions
@@ -70,7 +71,9 @@ def score(params: Params, outdir: str | Path | None = None, progress: bool = Tru
     """Phase 1 end to end; returns the output folder."""
     outdir = Path(outdir or params.output_dir)
     ctx = prepare(params)
-    result = run_sensitivity(ctx, progress)
+    result = run_sensitivity(ctx, progress and is_main())
+    if not is_main():  # data-parallel ranks all hold the same result: rank 0 evaluates and writes
+        return outdir
     with ctx.timer.stage("heldout_eval"):
         base = evaluate(ctx.loaded.model, ctx.windows.heldout, params.batch_size) if len(ctx.windows.heldout) \
             else {}
@@ -81,5 +84,5 @@ def score(params: Params, outdir: str | Path | None = None, progress: bool = Tru
     with ctx.timer.stage("write"):
         write_table(outdir / "top_weights", table)
         write_json(outdir / "sensitivity_stats.json", stats)
-    write_json(outdir / "manifest.json", manifest(ctx))
+    write_json(outdir / "manifest.json", manifest(ctx, {"distributed": describe()}))
     return outdir

@@ -56,6 +56,7 @@ class InputNorms:
         from transformers.pytorch_utils import Conv1D
         self.sq: dict[str, torch.Tensor] = {}
         self.n_tokens = 0
+        self.batch_tokens = 0
         self.kind: dict[int, tuple[str, str]] = {}  # id(param) -> (kind, module name)
         self.modules: list[tuple[str, torch.nn.Module, str]] = []
         for mname, mod in model.named_modules():
@@ -78,16 +79,23 @@ class InputNorms:
             if isinstance(b, torch.nn.Parameter):
                 self.kind[id(b)] = ("bias", mname)
 
-    def attach(self, handles: list) -> None:
+    def attach(self, model: torch.nn.Module, handles: list) -> None:
+        def count_tokens(mod, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            self.batch_tokens = ids.numel()
+        handles.append(model.register_forward_pre_hook(count_tokens, with_kwargs=True))
         for mname, mod, kind in self.modules:
-            handles.append(mod.register_forward_hook(self._hook(mname, kind)))
+            handles.append(mod.register_forward_hook(self._hook(mname, kind), with_kwargs=True))
 
     def _hook(self, mname: str, kind: str):
-        def hook(mod, args, out):
+        def hook(mod, args, kwargs, out):
+            first = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
             with torch.no_grad():
                 if kind == "embedding":
-                    ids = args[0].reshape(-1)
-                    add = torch.bincount(ids, minlength=mod.num_embeddings).float()
+                    ids = first.reshape(-1)
+                    # ids broadcast over the batch (position ids of shape [1, T]) serve several tokens each
+                    uses = self.batch_tokens // ids.numel() if self.batch_tokens % ids.numel() == 0 else 1
+                    add = torch.bincount(ids, minlength=mod.num_embeddings).float() * uses
                 elif kind == "scale":
                     y = out.float()
                     b = getattr(mod, "bias", None)
@@ -95,7 +103,7 @@ class InputNorms:
                         y = y - b.float()
                     add = y.pow(2).reshape(-1, y.shape[-1]).sum(0)
                 else:
-                    x = args[0].float()
+                    x = first.float()
                     add = x.pow(2).reshape(-1, x.shape[-1]).sum(0)
                 if mname in self.sq:
                     self.sq[mname] += add
@@ -129,9 +137,11 @@ def _check_finite(name: str, g: torch.Tensor) -> None:
 
 def score_model(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], emit: Emit,
                 batch_size: int = 8, fisher_dtype: torch.dtype = torch.float32, progress: bool = True,
-                desc: str = "scoring") -> list[str]:
+                desc: str = "scoring", reduce=None) -> list[str]:
     """Compute `metrics` for every parameter of `model` on `windows` [n, seq_len], calling `emit` once per
-    (metric, parameter). Returns the names of parameters that wanda could not score (no input rule)."""
+    (metric, parameter). Returns the names of parameters that wanda could not score (no input rule).
+    `reduce` (a `critlib.distributed.Reducer`) sums gradients, Fisher sums, input norms and token counts
+    over data-parallel ranks before any score is made."""
     params = scored_parameters(model)
     device = params[0][1].device
     windows = windows.to(device)
@@ -143,15 +153,20 @@ def score_model(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str
     norms = InputNorms(model) if "wanda" in metrics else None
     with hooks([]) as handles:
         if norms is not None:
-            norms.attach(handles)
+            norms.attach(model, handles)
         if grad_metrics:
-            _gradient_pass(model, params, windows, grad_metrics, emit, batch_size, fisher_dtype, progress, desc)
+            _gradient_pass(model, params, windows, grad_metrics, emit, batch_size, fisher_dtype, progress, desc,
+                           reduce)
         elif norms is not None:
             with torch.no_grad():
                 for batch in tqdm(windows.split(batch_size), desc=f"{desc} (activations)", disable=not progress):
                     model(input_ids=batch)
     if norms is not None:
         norms.n_tokens = windows.numel()
+        if reduce is not None:
+            norms.n_tokens = reduce.total(norms.n_tokens)
+            for mname in sorted(norms.sq):
+                norms.sq[mname] = reduce.sum_(f"wanda:{mname}", norms.sq[mname])
         for name, p in params:
             s = norms.score(p)
             if s is None:
@@ -161,11 +176,14 @@ def score_model(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str
     return unscored
 
 
-def _gradient_pass(model, params, windows, grad_metrics, emit, batch_size, fisher_dtype, progress, desc):
+def _gradient_pass(model, params, windows, grad_metrics, emit, batch_size, fisher_dtype, progress, desc,
+                   reduce=None):
     fisher = "fisher" in grad_metrics
     need_g = [m for m in grad_metrics if m != "fisher"]
     n_total = windows.shape[0] * (windows.shape[1] - 1)
-    per_seq = n_total / windows.shape[0]
+    if reduce is not None:
+        n_total = reduce.total(n_total)
+    per_seq = float(windows.shape[1] - 1)
     batches = windows.split(1 if fisher else batch_size)
     state = {"last": False}
     acc: dict[str, torch.Tensor] = {}
@@ -188,6 +206,8 @@ def _gradient_pass(model, params, windows, grad_metrics, emit, batch_size, fishe
                 return
             g = p.grad
             if need_g:
+                if reduce is not None:  # NaN/inf survive the sum, so every rank raises alike
+                    g = reduce.sum_(name, g)
                 _check_finite(name, g)
                 if "grad_squared" in need_g:
                     emit("grad_squared", name, g.float().square())
@@ -195,7 +215,8 @@ def _gradient_pass(model, params, windows, grad_metrics, emit, batch_size, fishe
                     s = g.float() if g.dtype != torch.float32 else g
                     emit("grad_x_weight", name, s.mul_(p.detach().float()).abs_())
             if fisher:
-                emit("fisher", name, acc.pop(name).float())
+                f = acc.pop(name)
+                emit("fisher", name, (reduce.sum_(f"fisher:{name}", f) if reduce is not None else f).float())
             p.grad = None
         return hook
 

@@ -15,6 +15,8 @@ import pandas as pd
 import torch
 
 from . import CritlibError
+from .distributed import Reducer, shard
+from .distributed import active as dist_active
 from .layout import Part, component_at, is_token_matrix, layer_of, parts_of
 from .rank import TopK
 from .scores import scored_parameters, score_model
@@ -84,10 +86,16 @@ def check_k(model: torch.nn.Module, topk_per_layer: int, topk_global: int) -> No
 def analyze(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], topk_global: int = 1000,
             topk_per_layer: int = 100, batch_size: int = 8, exact_stats: bool = True,
             chunk_size: int = 1 << 22, fisher_dtype: torch.dtype = torch.float32,
-            progress: bool = True, bottomk: int = 0) -> Sensitivity:
+            progress: bool = True, bottomk: int = 0, distributed: bool | None = None) -> Sensitivity:
     """Score `windows` by each metric; keep exact top-K (and, with `bottomk`, bottom-K) candidates and
-    statistics over every weight."""
+    statistics over every weight. With `distributed` (default: whenever a torch.distributed group of several
+    ranks runs) each rank scores its share of `windows` and gradients are summed over ranks, so every rank
+    returns the result of scoring all of `windows` (see critlib.distributed)."""
     check_k(model, topk_per_layer, topk_global)
+    distributed = dist_active() if distributed is None else distributed and dist_active()
+    reduce = Reducer() if distributed else None
+    if distributed:
+        windows = shard(windows)
     params = scored_parameters(model)
     config = getattr(model, "config", None)
     order = [n for n, _ in params]
@@ -105,7 +113,8 @@ def analyze(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], t
             bottom[metric].add(name, -s)
         _feed(stats[metric], groups[name], s)
 
-    unscored = score_model(model, windows, metrics, emit1, batch_size, fisher_dtype, progress, "pass 1/2")
+    unscored = score_model(model, windows, metrics, emit1, batch_size, fisher_dtype, progress, "pass 1/2",
+                           reduce=reduce)
     result = Sensitivity(metrics, order, shapes, parts, topk, {}, topk_global, topk_per_layer,
                          bottom=bottom, unscored={"wanda": unscored} if unscored else {})
     union: dict[str, list[int]] = {}
@@ -127,7 +136,8 @@ def analyze(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], t
                 vals = s.reshape(-1)[idx[name].to(s.device)].double().cpu().tolist()
                 gathered[metric].update({(name, int(f)): v for f, v in zip(idx[name].tolist(), vals)})
 
-        score_model(model, windows, metrics, emit2, batch_size, fisher_dtype, progress, "pass 2/2")
+        score_model(model, windows, metrics, emit2, batch_size, fisher_dtype, progress, "pass 2/2",
+                    reduce=reduce)
     result.gathered = gathered
     result.stats = {m: _nest(stats[m].summary()) for m in metrics}
     return result

@@ -1,0 +1,189 @@
+"""Bit-flip vulnerability: what one flipped bit of a critical weight does, and how many flips break a model.
+
+Every flip goes through `critlib.perturb` (`BitFlip`), so the model is restored bit for bit after each
+measurement. Bit positions count from 0 = the lowest mantissa bit of the stored dtype.
+
+`flips_to_break` finds how many flips of an ordered list it takes to reach ppl ≥ factor × baseline by
+doubling k (1, 2, 4, ...) up to the cap, then bisecting between the last unbroken and the first broken k.
+Both neighbours are measured, so the reported k is a real crossing (ppl(k−1) < target ≤ ppl(k)); it is the
+first crossing whenever damage grows with k, which is not guaranteed. A NaN/inf perplexity counts as broken.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack, contextmanager
+
+import pandas as pd
+import torch
+
+from . import CritlibError
+from .evaluate import evaluate
+from .perturb import BitFlip, Selection, exponent_bits, mantissa_bits, perturbed, sign_bit
+from .scores import scored_parameters
+
+Flip = tuple[str, int, int]  # (param, flat index, bit position)
+
+
+def bit_kind(dtype: torch.dtype, bit: int) -> str:
+    if bit == sign_bit(dtype):
+        return "sign"
+    return "exponent" if bit in exponent_bits(dtype) else "mantissa"
+
+
+def bit_positions(dtype: torch.dtype, spec: list[str | int]) -> list[int]:
+    """Positions named by `spec` items: 'sign', 'exponent' (all exponent bits), 'mantissa' (all), 'mantissa_top'
+    (the highest mantissa bit), 'all', or an integer position. Highest position first, no repeats."""
+    out: set[int] = set()
+    for item in spec:
+        item = item.strip() if isinstance(item, str) else item
+        if item == "sign":
+            out.add(sign_bit(dtype))
+        elif item == "exponent":
+            out.update(exponent_bits(dtype))
+        elif item == "mantissa":
+            out.update(mantissa_bits(dtype))
+        elif item == "mantissa_top":
+            out.add(mantissa_bits(dtype)[-1])
+        elif item == "all":
+            out.update(range(sign_bit(dtype) + 1))
+        else:
+            try:
+                pos = int(item)
+            except (TypeError, ValueError):
+                raise CritlibError(f"bit {item!r} is not sign, exponent, mantissa, mantissa_top, all or a "
+                                   "position") from None
+            if not 0 <= pos <= sign_bit(dtype):
+                raise CritlibError(f"bit position {pos} does not exist in {dtype}; use 0..{sign_bit(dtype)}")
+            out.add(pos)
+    return sorted(out, reverse=True)
+
+
+@contextmanager
+def flipped(model: torch.nn.Module, flips: list[Flip]):
+    """All `flips` applied at once (one BitFlip selection per bit position); restored bit for bit on exit.
+    A (param, flat, bit) listed twice is flipped once."""
+    by_bit: dict[int, list[tuple[str, int]]] = {}
+    for name, flat, bit in flips:
+        by_bit.setdefault(int(bit), []).append((name, int(flat)))
+    with ExitStack() as stack:
+        n = 0
+        for bit, pairs in by_bit.items():
+            n += stack.enter_context(perturbed(model, Selection.from_list(pairs), BitFlip(bit))).n_changed
+        yield n
+
+
+class Evaluator:
+    """Held-out evaluation against the unperturbed model: ppl, ppl ratio and KL(base ‖ perturbed)."""
+
+    def __init__(self, model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8):
+        if not len(windows):
+            raise CritlibError("bit-flip and application experiments need held-out windows; set n_heldout ≥ 1")
+        self.model, self.windows, self.batch_size = model, windows, batch_size
+        base = evaluate(model, windows, batch_size, keep_logprobs=True)
+        self.reference = base.pop("logprobs")
+        self.base = base
+        self.n_evals = 0
+
+    def __call__(self) -> dict:
+        self.n_evals += 1
+        out = evaluate(self.model, self.windows, self.batch_size, reference=self.reference)
+        out["ppl_ratio"] = out["ppl"] / self.base["ppl"] if math.isfinite(out["ppl"]) else float("inf")
+        return out
+
+
+def _value(p: torch.Tensor, flat: int) -> float:
+    return float(p.detach().reshape(-1)[flat])
+
+
+def single_flips(model: torch.nn.Module, candidates: list[tuple[str, int, str, int]], bits: list[str | int],
+                 ev: Evaluator, progress=None) -> pd.DataFrame:
+    """Damage of flipping each bit of `bits` in each candidate (selector, rank, param, flat), one flip at a
+    time. A (param, flat, bit) shared by several selectors is measured once. One row per (candidate, bit)."""
+    params = dict(scored_parameters(model))
+    cache: dict[Flip, dict] = {}
+    rows = []
+    for selector, rank, name, flat in candidates:
+        p = params[name]
+        row, col = (flat // p.shape[-1], flat % p.shape[-1]) if p.ndim == 2 else (flat, None)
+        for bit in bit_positions(p.dtype, bits):
+            key = (name, flat, bit)
+            if key not in cache:
+                before = _value(p, flat)
+                with flipped(model, [key]):
+                    after = _value(p, flat)
+                    res = ev()
+                cache[key] = dict(value_before=before, value_after=after, ppl=res["ppl"],
+                                  ppl_ratio=res["ppl_ratio"], kl=res["kl"], accuracy=res["accuracy"])
+                if progress:
+                    progress.update(1)
+            rows.append(dict(selector=selector, rank=rank, param=name, row=row, col=col, flat=flat, bit=bit,
+                             bit_kind=bit_kind(p.dtype, bit), dtype=str(p.dtype).removeprefix("torch."),
+                             **cache[key]))
+    df = pd.DataFrame(rows)
+    if len(df):
+        df["col"] = df["col"].astype("Int64")
+    return df
+
+
+def ranked(table: pd.DataFrame) -> pd.DataFrame:
+    """Distinct single flips, most damaging first (ppl ratio, then KL; NaN counts as the worst)."""
+    t = table.drop_duplicates(["param", "flat", "bit"]).copy()
+    t["_r"] = t["ppl_ratio"].fillna(float("inf"))
+    t["_k"] = t["kl"].fillna(float("inf"))
+    t = t.sort_values(["_r", "_k", "param", "flat", "bit"], ascending=[False, False, True, True, False], kind="stable")
+    return t.drop(columns=["_r", "_k"]).reset_index(drop=True)
+
+
+def flips_to_break(model: torch.nn.Module, flips: list[Flip], ev: Evaluator, factor: float = 10.0,
+                   cap: int | None = None) -> dict:
+    """The number k of leading `flips` that first brings ppl to ≥ factor × baseline (doubling, then
+    bisection), with ppl at k and k−1; n_flips is None when all `cap` flips leave the model unbroken."""
+    flips = list(dict.fromkeys((n, int(f), int(b)) for n, f, b in flips))[: cap or None]
+    target = factor * ev.base["ppl"]
+    seen: dict[int, float] = {0: ev.base["ppl"]}
+
+    def ppl_at(k: int) -> float:
+        if k not in seen:
+            with flipped(model, flips[:k]):
+                seen[k] = ev()["ppl"]
+        return seen[k]
+
+    def broken(k: int) -> bool:
+        v = ppl_at(k)
+        return not (v < target)
+
+    out = dict(n_available=len(flips), target_ppl=target, n_flips=None, ppl_at=None, ppl_before=None)
+    if not flips:
+        return out
+    lo, hi = 0, 1
+    while not broken(hi):
+        lo = hi
+        if hi == len(flips):
+            out["n_evals"] = len(seen) - 1
+            return out
+        hi = min(2 * hi, len(flips))
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if broken(mid):
+            hi = mid
+        else:
+            lo = mid
+    out.update(n_flips=hi, ppl_at=ppl_at(hi), ppl_before=ppl_at(hi - 1), n_evals=len(seen) - 1)
+    return out
+
+
+def random_flips(model: torch.nn.Module, n: int, seed: int, params: list[str] | None = None) -> list[Flip]:
+    """n distinct weights drawn uniformly (over `params`, default all), in random order, each at a uniformly
+    drawn bit position of its dtype."""
+    from .perturb import select_random
+    pairs = select_random(model, n, seed, params).to_list()
+    gen = torch.Generator().manual_seed(seed + 1)
+    order = torch.randperm(len(pairs), generator=gen).tolist()
+    named = dict(scored_parameters(model))
+    out = []
+    for j in order:
+        name, flat = pairs[j]
+        width = sign_bit(named[name].dtype) + 1
+        out.append((name, flat, int(torch.randint(0, width, (1,), generator=gen))))
+    return out

@@ -1,0 +1,114 @@
+"""Freeze masks: keep chosen (critical) weights bit-identical while the rest of the model is fine-tuned.
+
+Masks are one bool tensor per parameter name (True = frozen), stored as safetensors. `freeze_weights`
+zeroes the masked gradient entries with a gradient hook, and — because optimizers still move weights whose
+gradient is 0 (AdamW's decoupled weight decay; momentum left over from earlier steps) — it also writes the
+saved values back after every `optimizer.step()` through an optimizer step post-hook. Without an optimizer
+only the gradient hook acts, which is enough for plain SGD without weight decay or momentum.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import CritlibError
+from .io import atomic_path
+from .scores import scored_parameters
+
+
+def masks_from_coords(model: torch.nn.Module, coords: list[tuple]) -> dict[str, torch.Tensor]:
+    """Bool masks (CPU) shaped like each parameter named in `coords` ((param, flat[, ...]) tuples)."""
+    params = dict(scored_parameters(model))
+    masks: dict[str, torch.Tensor] = {}
+    for item in coords:
+        name, flat = item[0], int(item[1])
+        if name not in params:
+            raise CritlibError(f"parameter '{name}' is not in the model; names come from model.named_parameters()")
+        p = params[name]
+        if not 0 <= flat < p.numel():
+            raise CritlibError(f"flat index {flat} is out of range for {name} ({p.numel()} weights)")
+        if name not in masks:
+            masks[name] = torch.zeros(p.shape, dtype=torch.bool)
+        masks[name].view(-1)[flat] = True
+    return masks
+
+
+def save_masks(masks: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write masks as a safetensors file (one bool tensor per parameter name), atomically."""
+    from safetensors.torch import save_file
+    for name, m in masks.items():
+        if m.dtype != torch.bool:
+            raise CritlibError(f"mask of {name} is {m.dtype}; masks must be bool tensors")
+    with atomic_path(path) as tmp:
+        save_file({n: m.contiguous().cpu() for n, m in masks.items()}, str(tmp),
+                  metadata={k: str(v) for k, v in (metadata or {}).items()} | {"format": "critlib-freeze-masks"})
+
+
+def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    path = Path(path)
+    if not path.is_file():
+        raise CritlibError(f"mask file {path} does not exist; check the path")
+    try:
+        masks = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CritlibError(f"mask file {path} is not a readable safetensors file ({e})") from None
+    bad = [n for n, m in masks.items() if m.dtype != torch.bool]
+    if bad:
+        raise CritlibError(f"mask file {path} holds non-bool tensors ({', '.join(bad)}); it is not a freeze mask")
+    return masks
+
+
+class FrozenWeights:
+    """Handle of `freeze_weights`: `.remove()` (or leaving the `with` block) takes every hook away."""
+
+    def __init__(self, model: torch.nn.Module, masks: dict[str, torch.Tensor], optimizer=None):
+        named = dict(model.named_parameters(remove_duplicate=False))
+        self.entries = []
+        self.handles = []
+        seen = set()
+        for name, m in masks.items():
+            if name not in named:
+                raise CritlibError(f"mask names parameter '{name}', which the model does not have")
+            p = named[name]
+            if tuple(m.shape) != tuple(p.shape) or m.dtype != torch.bool:
+                raise CritlibError(f"mask of {name} is {m.dtype} {tuple(m.shape)}; the parameter is {tuple(p.shape)} "
+                                   "and masks must be bool")
+            if id(p) in seen:
+                raise CritlibError(f"two masks name the same (tied) parameter as {name}; merge them into one")
+            seen.add(id(p))
+            idx = m.reshape(-1).nonzero().flatten().to(p.device)
+            if not idx.numel():
+                continue
+            mask = m.to(p.device)
+            self.entries.append((p, idx, p.detach().reshape(-1)[idx].clone()))
+            self.handles.append(p.register_hook(lambda g, mask=mask: g.masked_fill(mask, 0)))
+        if optimizer is not None:
+            self.handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self.restore()))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Write the frozen values back (bit-identical)."""
+        for p, idx, vals in self.entries:
+            p.data.view(-1).index_copy_(0, idx, vals)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def freeze_weights(model: torch.nn.Module, masks: dict[str, torch.Tensor], optimizer=None) -> FrozenWeights:
+    """Keep the masked weights unchanged during training: gradient hooks zero their gradient entries and,
+    given the `optimizer`, a step post-hook restores their values after every step (covers weight decay
+    and momentum). Use as a context manager or call `.remove()`."""
+    return FrozenWeights(model, masks, optimizer)

@@ -1,0 +1,77 @@
+"""Per-tensor and global top-K equal full sorts, ties broken by (param order, flat index)."""
+
+import numpy as np
+import pytest
+import torch
+
+from critlib.rank import TopK, topk_chunked, topk_exact
+from critlib.sensitivity import analyze
+from critlib.scores import score_model
+from tests.conftest import tiny
+
+
+def full_sort(values: np.ndarray) -> np.ndarray:
+    """Indices of `values` by value descending, index ascending (numpy's stable sort of the negation)."""
+    return np.argsort(-values.astype(np.float64), kind="stable")
+
+
+@pytest.mark.parametrize("n,k,chunk", [(1000, 10, 1 << 20), (1000, 10, 7), (997, 50, 64), (13, 13, 4), (67, 1, 5)])
+def test_topk_chunked_equals_full_sort_with_ties(n, k, chunk):
+    gen = torch.Generator().manual_seed(n + k)
+    x = torch.randint(0, 20, (n,), generator=gen).float()  # heavy ties
+    v, i = topk_chunked(x, k, chunk_size=chunk)
+    ref = full_sort(x.numpy())[:k]
+    assert i.tolist() == ref.tolist()
+    assert torch.equal(v, x[ref])
+
+
+def test_topk_exact_offset_and_k_larger_than_tensor():
+    x = torch.tensor([1.0, 3.0, 3.0, 2.0])
+    v, i = topk_exact(x, 10, offset=100)
+    assert i.tolist() == [101, 102, 103, 100] and v.tolist() == [3.0, 3.0, 2.0, 1.0]
+
+
+def test_global_topk_equals_full_sort_over_model():
+    model = tiny("tiny-mistral")
+    with torch.no_grad():  # coarse weights make many exact ties across and within tensors
+        for p in model.parameters():
+            p.copy_((p * 50).round() / 50)
+    names = [n for n, _ in model.named_parameters()]
+    tk = TopK(300, chunk_size=37)
+    allv, allkey = [], []
+
+    def emit(metric, name, s):
+        tk.add(name, s)
+        allv.append(s.reshape(-1).double())
+        allkey.extend((names.index(name), j) for j in range(s.numel()))
+
+    score_model(model, torch.zeros(1, 2, dtype=torch.long), ["magnitude"], emit, progress=False)
+    vals = torch.cat(allv).numpy()
+    # emission order is model order here, so a stable sort on -value gives the (param, index) tie-break
+    order = full_sort(vals)[:300]
+    ref = [(names[allkey[j][0]], allkey[j][1]) for j in order]
+    got = tk.global_topk(300, names)
+    assert [(n, f) for n, f, _ in got] == ref
+    assert [s for _, _, s in got] == pytest.approx(vals[order].tolist())
+
+
+def test_per_layer_topk_equals_per_tensor_sort(windows):
+    model = tiny("tiny-qwen2")
+    res = analyze(model, windows, ["grad_x_weight"], topk_global=50, topk_per_layer=8, progress=False,
+                  chunk_size=29)
+    seen = {}
+    score_model(model, windows, ["grad_x_weight"], lambda m, n, s: seen.__setitem__(n, s.reshape(-1).clone()),
+                progress=False)
+    for name, s in seen.items():
+        v, i = res.topk["grad_x_weight"].per_tensor(name, 8)
+        ref = full_sort(s.numpy())[:8]
+        assert i.tolist() == ref.tolist(), name
+
+
+def test_bottom_k_is_lowest_scores():
+    model = tiny("tiny-llama")
+    res = analyze(model, torch.zeros(1, 4, dtype=torch.long), ["magnitude"], topk_global=5, topk_per_layer=5,
+                  bottomk=20, exact_stats=False, progress=False)
+    allw = torch.cat([p.detach().abs().reshape(-1) for p in model.parameters()]).double().numpy()
+    low = np.sort(allw)[:20]
+    assert [s for _, _, s in res.global_bottom("magnitude", 20)] == pytest.approx(low.tolist())
