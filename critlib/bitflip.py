@@ -87,7 +87,11 @@ class Evaluator:
 
     def __call__(self) -> dict:
         self.n_evals += 1
-        out = evaluate(self.model, self.windows, self.batch_size, reference=self.reference)
+        try:
+            out = evaluate(self.model, self.windows, self.batch_size, reference=self.reference)
+        except OverflowError:  # evaluate's exp(nll) overflows: the model is broken beyond measure
+            return {"ppl": float("inf"), "nll": float("inf"), "accuracy": float("nan"), "kl": float("nan"),
+                    "ppl_ratio": float("inf")}
         out["ppl_ratio"] = out["ppl"] / self.base["ppl"] if math.isfinite(out["ppl"]) else float("inf")
         return out
 
@@ -115,7 +119,7 @@ def single_flips(model: torch.nn.Module, candidates: list[tuple[str, int, str, i
                     res = ev()
                 cache[key] = dict(value_before=before, value_after=after, ppl=res["ppl"],
                                   ppl_ratio=res["ppl_ratio"], kl=res["kl"], accuracy=res["accuracy"])
-                if progress:
+                if progress is not None:
                     progress.update(1)
             rows.append(dict(selector=selector, rank=rank, param=name, row=row, col=col, flat=flat, bit=bit,
                              bit_kind=bit_kind(p.dtype, bit), dtype=str(p.dtype).removeprefix("torch."),
@@ -153,14 +157,15 @@ def flips_to_break(model: torch.nn.Module, flips: list[Flip], ev: Evaluator, fac
         v = ppl_at(k)
         return not (v < target)
 
-    out = dict(n_available=len(flips), target_ppl=target, n_flips=None, ppl_at=None, ppl_before=None)
+    out = dict(n_available=len(flips), target_ppl=target, n_flips=None, ppl_at=None, ppl_before=None,
+               ppl_at_cap=None, n_evals=0)
     if not flips:
         return out
     lo, hi = 0, 1
     while not broken(hi):
         lo = hi
         if hi == len(flips):
-            out["n_evals"] = len(seen) - 1
+            out.update(ppl_at_cap=seen[hi], n_evals=len(seen) - 1)
             return out
         hi = min(2 * hi, len(flips))
     while hi - lo > 1:

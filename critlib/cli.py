@@ -21,15 +21,50 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"critlib {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     _common(sub.add_parser("score", help="Phase 1: sensitivity scores, top-K and statistics"))
+    _application_parsers(sub)
+    rp = sub.add_parser("run", help="all phases' notebooks -> OUTDIR/index.html and one HTML page per phase")
+    _common(rp)
+    rp.add_argument("--phases", help="phases to run, e.g. 1,3 (default: all); the others stay from the last run")
     return ap
+
+
+def _application_parsers(sub) -> None:
+    for name, text in (("quantize", "quantization with kept outliers, per selector"),
+                       ("prune", "pruning curves per selector"), ("bitflip", "bit-flip vulnerability"),
+                       ("applications", "quantize + prune + bitflip")):
+        _common(sub.add_parser(name, help=f"Applications: {text}"))
+    fp = sub.add_parser("fingerprint", help="write an integrity fingerprint of a model")
+    fp.add_argument("model", help="any model source load_model accepts")
+    fp.add_argument("-o", "--output", required=True, help="fingerprint JSON file to write")
+    fp.add_argument("--k", type=int, default=100, help="critical weights to record per metric (default 100)")
+    fp.add_argument("--metric", action="append", default=[], help="metric for the critical set (repeatable; "
+                    "default magnitude; gradient metrics use the params' data)")
+    fp.add_argument("-p", "--params", help="params YAML for data/dtype/device (default: built-in defaults)")
+    fp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one parameter")
+    vf = sub.add_parser("verify", help="check a model against a fingerprint (exit 1 on any change)")
+    vf.add_argument("model", help="any model source load_model accepts")
+    vf.add_argument("file", help="fingerprint JSON file")
+    vf.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one parameter")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
+        if args.command in ("fingerprint", "verify"):
+            from .integrity import cli_command
+            return cli_command(args)
+        if args.command == "run":
+            from .report import run_report
+            out = run_report(args.params, args.set, args.outdir, args.phases, progress=not args.quiet)
+            print(f"critlib: wrote {out / 'index.html'}")
+            return 0
         from .params import load_params
         params = load_params(args.params, args.set)
+        if args.command in ("quantize", "prune", "bitflip", "applications"):
+            from .applications import run_command
+            print(f"critlib: wrote {run_command(args.command, params, args.outdir, progress=not args.quiet)}")
+            return 0
         if args.command == "score":
             from .distributed import is_main, session
             from .pipeline import score

@@ -3,7 +3,8 @@ random, magnitude and bottom-k controls.
 
 Every selection is built before anything is evaluated (a bad k fails at once, not after an hour), each
 perturbation is undone bit for bit before the next, and a perturbation that changes no bits reuses the
-unperturbed result exactly (ppl_ratio 1, kl 0) instead of re-evaluating an identical model.
+unperturbed result exactly (ppl_ratio 1, kl 0) instead of re-evaluating an identical model; the same
+method on the same selection (e.g. Phase 1's top-|w| and the magnitude control) is evaluated once.
 """
 
 from __future__ import annotations
@@ -90,14 +91,18 @@ def dose_response(model: torch.nn.Module, heldout: torch.Tensor, selectors: dict
     base = evaluate(model, heldout, batch_size, keep_logprobs=True)
     ref = base.pop("logprobs")
     rows = []
+    done: dict = {}  # (method, selection) -> result: e.g. top:magnitude and the magnitude control coincide
     bar = tqdm(total=len(plan) * len(methods), desc="perturbation", disable=not progress)
     for name, k, d, selection in plan:
         for method in methods:
+            key = (repr(method), _key(selection))
             with perturbed(model, selection, method) as applied:
-                if applied.n_changed:
-                    r = evaluate(model, heldout, batch_size, reference=ref)
-                else:
+                if not applied.n_changed:
                     r = dict(base, kl=0.0)
+                elif key in done:
+                    r = done[key]
+                else:
+                    r = done[key] = evaluate(model, heldout, batch_size, reference=ref)
             rows.append((name, _metric_of(name), method.name, _arg_text(method.arg), k, d, applied.n_selected,
                          applied.n_changed, r["ppl"], r["ppl"] / base["ppl"], r["accuracy"], r["kl"]))
             bar.update()
@@ -109,6 +114,10 @@ def dose_response(model: torch.nn.Module, heldout: torch.Tensor, selectors: dict
         df[c] = df[c].astype("float64")
     df.attrs["baseline"] = {k: v for k, v in base.items()}
     return df
+
+
+def _key(selection: Selection) -> tuple:
+    return tuple((n, idx.numpy().tobytes()) for n, idx in sorted(selection.coords.items()))
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:

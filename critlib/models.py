@@ -153,13 +153,18 @@ def load_tokenizer(source: str, trust_remote_code: bool = False, revision: str |
 
 def load_model(source: str = "default", dtype: str = "fp32", device: str = "auto", seed: int = 0,
                tokenizer: str | None = None, trust_remote_code: bool = False,
-               revision: str | None = None) -> Loaded:
+               revision: str | None = None, device_map: str | None = None,
+               max_memory: str | None = None) -> Loaded:
     """Load `source`: 'default' (embedded SmolLM2-135M-Instruct), a preset name ('synthetic:NAME' or NAME),
-    an HF config JSON ('synthetic:path.json'), a .gguf file, a local directory or a Hugging Face id."""
+    an HF config JSON ('synthetic:path.json'), a .gguf file, a local directory or a Hugging Face id.
+    `device_map` (with `max_memory`) splits the layers over several GPUs with accelerate instead of `device`."""
     if dtype not in DTYPES:
         raise CritlibError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
     torch_dtype = DTYPES[dtype]
-    dev = resolve_device(device)
+    if device_map is not None and not torch.cuda.is_available():
+        raise CritlibError(f"device_map={device_map} splits a model over GPUs but CUDA is not available here; "
+                           "leave device_map unset")
+    dev = resolve_device(device) if device_map is None else torch.device("cpu")
     info: dict = {"source": source, "dtype": dtype, "device": str(dev)}
     name = source.removeprefix("synthetic:")
     tok = None
@@ -182,6 +187,8 @@ def load_model(source: str = "default", dtype: str = "fp32", device: str = "auto
             tokenizer = None
         model = synthetic_model(make_config(spec), seed=seed, dtype=torch_dtype, device=dev)
         info.update(kind="synthetic", config=spec, seed=seed)
+        if device_map is not None:
+            place(model, device_map, max_memory, torch_dtype)
     else:
         path = default_model_path() if source == "default" else Path(source)
         from transformers import AutoModelForCausalLM
@@ -194,9 +201,11 @@ def load_model(source: str = "default", dtype: str = "fp32", device: str = "auto
                 info.update(kind="gguf", file=str(path.name), sha256=sha256_file(path))
                 tok = load_tokenizer(str(path)) if tokenizer is None else None
             else:
+                placement = {} if device_map is None else \
+                    {"device_map": device_map, "max_memory": parse_max_memory(max_memory)}
                 model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, revision=revision,
                                                              trust_remote_code=trust_remote_code,
-                                                             use_safetensors=True)
+                                                             use_safetensors=True, **placement)
                 info.update(kind="local" if path.is_dir() else "hub", revision=_revision(model, revision))
                 if tokenizer is None:
                     try:
@@ -212,13 +221,59 @@ def load_model(source: str = "default", dtype: str = "fp32", device: str = "auto
                                "or a Hugging Face id already in the local cache (offline)") from None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config  # weights are dequantized; lets save_pretrained work
-        model.to(dev).eval()
+        if device_map is None:
+            model.to(dev)
+        elif not hasattr(model, "hf_device_map"):
+            place(model, device_map, max_memory, torch_dtype)
+        _check_placement(model)
+        model.eval()
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer, trust_remote_code, revision)
     info["n_params"] = sum(p.numel() for p in model.parameters())
     info["architecture"] = type(model).__name__
     info["tied_embeddings"] = bool(tied_groups(model))
+    if hasattr(model, "hf_device_map"):
+        info["device_map"] = {k: str(v) for k, v in model.hf_device_map.items()}
+        info["device"] = sorted({str(p.device) for p in model.parameters()})
     return Loaded(model, tok, info)
+
+
+def parse_max_memory(text: str | None) -> dict | None:
+    """"0:70GiB,1:70GiB,cpu:200GiB" -> {0: "70GiB", 1: "70GiB", "cpu": "200GiB"} (accelerate's max_memory)."""
+    if text is None:
+        return None
+    out: dict = {}
+    for item in str(text).split(","):
+        key, sep, size = item.strip().partition(":")
+        if not sep or not size.strip() or not (key.strip().isdigit() or key.strip() in ("cpu", "disk")):
+            raise CritlibError(f"max_memory={text!r}: each entry must be DEVICE:SIZE with DEVICE a GPU index, cpu "
+                               "or disk, e.g. \"0:70GiB,1:70GiB\"")
+        out[int(key) if key.strip().isdigit() else key.strip()] = size.strip()
+    return out
+
+
+def place(model: torch.nn.Module, device_map: str, max_memory: str | None, dtype: torch.dtype) -> None:
+    """Split `model` (on the CPU) over the GPUs with accelerate, whole decoder layers per device."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+    limits = parse_max_memory(max_memory)
+    no_split = getattr(model, "_no_split_modules", None) or []
+    if device_map != "sequential":
+        limits = get_balanced_memory(model, max_memory=limits, no_split_module_classes=no_split, dtype=dtype,
+                                     low_zero=device_map == "balanced_low_0")
+    dmap = infer_auto_device_map(model, max_memory=limits, no_split_module_classes=no_split, dtype=dtype)
+    _check_placement(model, dmap)
+    dispatch_model(model, device_map=dmap)
+    model.hf_device_map = dmap
+
+
+def _check_placement(model: torch.nn.Module, dmap: dict | None = None) -> None:
+    dmap = dmap if dmap is not None else getattr(model, "hf_device_map", None) or {}
+    off = sorted(k for k, v in dmap.items() if str(v) in ("cpu", "disk"))
+    if off:
+        raise CritlibError(f"{len(off)} module(s) ({', '.join(off[:3])}...) did not fit on the GPUs and would be "
+                           "offloaded to CPU/disk, where gradients cannot be taken; raise max_memory, use more "
+                           "GPUs, dtype bf16, or data-parallel ranks with fewer windows each")
 
 
 def _revision(model, revision):

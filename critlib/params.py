@@ -35,7 +35,38 @@ class Params:
     exact_stats: bool = True
     chunk_size: int = 1 << 22
     fisher_dtype: str = "fp32"
+    # scale: memory of the gradient pass (critlib.scores.memory_saving) and placement over devices (accelerate)
+    gradient_checkpointing: bool = False
+    sparse_embedding_grad: bool = False
+    device_map: str | None = None  # auto, balanced, balanced_low_0 or sequential: split layers over the GPUs
+    max_memory: str | None = None  # with device_map, per device, e.g. "0:70GiB,1:70GiB"
     output_dir: str = "outputs/default"
+    # applications (critlib quantize / prune / bitflip; critlib.applications)
+    quant_bits: list[int] = field(default_factory=lambda: [4])
+    quant_group_size: int = 128
+    quant_symmetric: bool = True
+    quant_keep_percents: list[float] = field(default_factory=lambda: [0.0, 0.1, 1.0])
+    quant_clip_z: float = 0.0
+    quant_include_head: bool = False
+    prune_sparsities: list[float] = field(default_factory=lambda: [0.3, 0.5])
+    prune_modes: list[str] = field(default_factory=lambda: ["per_layer", "global"])
+    prune_protect_k: int = 0
+    bitflip_top_n: int = 2
+    bitflip_bits: list[str] = field(default_factory=lambda: ["sign", "exponent"])
+    bitflip_eval_windows: int = 2
+    bitflip_break_factor: float = 10.0
+    bitflip_cap: int = 256
+    bitflip_draws: int = 3
+    # Phase 3 dose-response (critlib.experiments): k values, methods as name[:arg], random-control draws
+    perturb_ks: list[int] = field(default_factory=lambda: [1, 10, 100, 1000])
+    perturb_methods: list[str] = field(default_factory=lambda: ["zero", "sign_flip", "scale:10", "noise:1.0", "mean",
+                                                                "bitflip:exponent"])
+    n_random_draws: int = 3
+    # Phase 2 stability (critlib.agreement): other window seeds and a second corpus ("" = skip) to compare with
+    stability_seeds: list[int] = field(default_factory=lambda: [1])
+    stability_data: str = "alt"
+    # Phase 5 token explorer: tokens pre-rendered in the static HTML (top tokens by row score)
+    token_explorer_top: int = 30
 
     def validate(self) -> "Params":
         for key in ("seq_len", "n_sequences", "batch_size", "chunk_size"):
@@ -63,7 +94,80 @@ class Params:
             raise CritlibError(f"unknown fisher_dtype '{self.fisher_dtype}'; choose fp32 or bf16")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise CritlibError(f"unknown device '{self.device}'; choose auto, cpu, cuda or cuda:N")
+        if self.device_map not in (None, "auto", "balanced", "balanced_low_0", "sequential"):
+            raise CritlibError(f"unknown device_map '{self.device_map}'; choose auto, balanced, balanced_low_0 or "
+                               "sequential (or leave it unset for one device)")
+        if self.max_memory is not None:
+            from .models import parse_max_memory
+            parse_max_memory(self.max_memory)
+        self._validate_applications()
+        self._validate_perturbation()
+        self._validate_report()
         return self
+
+    def _validate_report(self) -> None:
+        try:
+            seeds = [int(v) for v in self.stability_seeds]
+        except (TypeError, ValueError):
+            raise CritlibError(f"stability_seeds={self.stability_seeds!r} must be a list of integers, e.g. [1, 2]") from None
+        if self.seed in seeds or len(set(seeds)) != len(seeds):
+            raise CritlibError(f"stability_seeds={seeds} must be distinct and differ from seed={self.seed}")
+        self.stability_seeds = seeds
+        self.stability_data = self.stability_data or ""
+        if int(self.token_explorer_top) < 1:
+            raise CritlibError(f"token_explorer_top={self.token_explorer_top} must be ≥ 1")
+
+    def _validate_perturbation(self) -> None:
+        from .perturb import parse_method
+        try:
+            ks = [int(k) for k in self.perturb_ks]
+            if any(str(k) != str(v).strip() for k, v in zip(ks, self.perturb_ks)):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise CritlibError(f"perturb_ks={self.perturb_ks!r} must be a list of integers, e.g. [1, 10, 100]") from None
+        if not ks or any(k < 0 for k in ks):
+            raise CritlibError(f"perturb_ks={ks} must be a non-empty list of integers ≥ 0")
+        kept = max(self.topk_global, self.topk_per_layer)
+        if max(ks) > kept:
+            raise CritlibError(f"perturb_ks has k={max(ks)} but Phase 1 keeps an exact top-{kept}; raise topk_global "
+                               f"to ≥ {max(ks)} or lower perturb_ks")
+        self.perturb_ks = ks
+        if not self.perturb_methods:
+            raise CritlibError("perturb_methods is empty; e.g. [zero, sign_flip, scale:10, noise:1.0, mean, "
+                               "bitflip:exponent]")
+        for m in self.perturb_methods:
+            parse_method(m)
+        if isinstance(self.n_random_draws, bool) or int(self.n_random_draws) < 1:
+            raise CritlibError(f"n_random_draws={self.n_random_draws} must be an integer ≥ 1")
+
+    def _validate_applications(self) -> None:
+        def numbers(key, kind, lo, hi):
+            vals = getattr(self, key)
+            try:
+                vals = [kind(v) for v in vals]
+            except (TypeError, ValueError):
+                raise CritlibError(f"{key}={vals!r} must be a list of numbers") from None
+            bad = [v for v in vals if not lo <= v <= hi]
+            if bad:
+                raise CritlibError(f"{key} has {bad}; each value must lie in [{lo}, {hi}]")
+            setattr(self, key, vals)
+        numbers("quant_bits", int, 2, 8)
+        numbers("quant_keep_percents", float, 0.0, 100.0)
+        numbers("prune_sparsities", float, 0.0, 0.99)
+        for key in ("quant_group_size", "bitflip_eval_windows", "bitflip_cap", "bitflip_draws"):
+            if int(getattr(self, key)) < 1:
+                raise CritlibError(f"{key}={getattr(self, key)} must be ≥ 1")
+        for key in ("prune_protect_k", "bitflip_top_n"):
+            if int(getattr(self, key)) < 0:
+                raise CritlibError(f"{key}={getattr(self, key)} must be ≥ 0")
+        for key in ("quant_clip_z", "bitflip_break_factor"):
+            setattr(self, key, float(getattr(self, key)))
+        if self.quant_clip_z < 0 or self.bitflip_break_factor <= 1:
+            raise CritlibError("quant_clip_z must be ≥ 0 (0 = off) and bitflip_break_factor > 1")
+        bad = [m for m in self.prune_modes if m not in ("per_layer", "global")]
+        if bad or not self.prune_modes:
+            raise CritlibError(f"prune_modes={self.prune_modes}; choose from per_layer, global")
+        self.bitflip_bits = [str(b) for b in self.bitflip_bits]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -87,6 +191,10 @@ def _coerce(key: str, value):
     elif isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, int):
             raise CritlibError(f"{key} must be an integer, got {value!r}")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise CritlibError(f"{key} must be a number, got {value!r}")
+        value = float(value)
     elif isinstance(default, list):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]

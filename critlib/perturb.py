@@ -27,7 +27,7 @@ def _index(values: Iterable[int] | torch.Tensor) -> torch.Tensor:
     return torch.unique(t, sorted=True)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Selection:
     """Weights to perturb: parameter name -> sorted unique int64 flat indices (on the CPU)."""
     coords: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -59,6 +59,11 @@ class Selection:
     def to_list(self) -> list[tuple[str, int]]:
         return [(n, int(f)) for n, idx in self.coords.items() for f in idx.tolist()]
 
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Selection) and sorted(self.to_list()) == sorted(other.to_list())
+
+    __hash__ = None  # mutable tensors inside; compare with ==
+
     def __contains__(self, item: tuple[str, int]) -> bool:
         idx = self.coords.get(item[0])
         return idx is not None and bool((idx == int(item[1])).any())
@@ -70,9 +75,9 @@ _FLOAT_BITS = {  # dtype -> (total bits, exponent bits, mantissa bits)
     torch.float64: (64, 11, 52), torch.float32: (32, 8, 23), torch.float16: (16, 5, 10),
     torch.bfloat16: (16, 8, 7),
 }
-for _name, _layout in (("float8_e4m3fn", (8, 4, 3)), ("float8_e5m2", (8, 5, 2))):
-    if hasattr(torch, _name):
-        _FLOAT_BITS[getattr(torch, _name)] = _layout
+for _f8, _bits8 in (("float8_e4m3fn", (8, 4, 3)), ("float8_e5m2", (8, 5, 2))):
+    if hasattr(torch, _f8):
+        _FLOAT_BITS[getattr(torch, _f8)] = _bits8
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -213,7 +218,8 @@ def parse_method(spec: str) -> Method:
     usage = {"zero": "zero", "sign_flip": "sign_flip", "scale": "scale:FACTOR", "noise": "noise:REL_STD[:SEED]",
              "mean": "mean", "bitflip": "bitflip:sign|exponent|mantissa|N"}
     if name not in METHODS:
-        raise CritlibError(f"unknown perturbation method '{name}' in {spec!r}; choose from: {', '.join(usage.values())}")
+        raise CritlibError(f"unknown perturbation method '{name}' in {spec!r}; choose from: "
+                           f"{', '.join(usage.values())}")
     n_args = {"zero": (0, 0), "sign_flip": (0, 0), "mean": (0, 0), "scale": (1, 1), "noise": (1, 2),
               "bitflip": (1, 1)}[name]
     if not n_args[0] <= len(args) <= n_args[1]:
@@ -272,8 +278,9 @@ def _flat_params(model: torch.nn.Module, selection: Selection) -> list[tuple[str
         if not p.is_contiguous():
             raise CritlibError(f"parameter {name} is not contiguous in memory; call model.to(memory_format="
                                "torch.contiguous_format) or clone its data first")
-        if int(idx[-1]) >= p.numel():
-            raise CritlibError(f"flat index {int(idx[-1])} is out of range for {name} ({p.numel()} weights)")
+        if int(idx[0]) < 0 or int(idx[-1]) >= p.numel():
+            bad = int(idx[0]) if int(idx[0]) < 0 else int(idx[-1])
+            raise CritlibError(f"flat index {bad} is out of range for {name} ({p.numel()} weights)")
         out.append((name, p))
     return out
 
@@ -365,9 +372,10 @@ def select_random(model: torch.nn.Module, k: int, seed: int, params: list[str] |
                   _chunk: int = 1 << 16) -> Selection:
     """k distinct weights drawn uniformly from all weights of `params` (default: every parameter).
 
-    Global positions are drawn in fixed-size chunks from a CPU generator seeded with `seed` and the first k
-    distinct ones kept, so the same seed gives the same weights on every device, and the k-set is a prefix
-    of the (k+1)-set (nested doses). Memory is O(k), whatever the model size."""
+    Global positions are drawn in chunks (of sizes that do not depend on k) from a CPU generator seeded
+    with `seed` and the first k distinct ones kept, so the same seed gives the same weights on every
+    device, and the k-set is a prefix of the (k+1)-set (nested doses). Memory is O(k), whatever the
+    model size (never an index of every weight)."""
     k = _check_k(k)
     plist = _param_list(model, params)
     sizes = torch.tensor([p.numel() for _, p in plist], dtype=torch.long)
@@ -379,14 +387,16 @@ def select_random(model: torch.nn.Module, k: int, seed: int, params: list[str] |
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     drawn = torch.empty(0, dtype=torch.long)
     while True:
-        drawn = torch.cat([drawn, torch.randint(0, total, (_chunk,), generator=gen, dtype=torch.long)])
-        uniq, inverse = torch.unique(drawn, return_inverse=True)
+        size = max(_chunk, drawn.numel())  # the same chunk sequence for every k: nested doses
+        drawn = torch.cat([drawn, torch.randint(0, total, (size,), generator=gen, dtype=torch.long)])
+        values, order = torch.sort(drawn, stable=True)
+        starts = torch.ones_like(values, dtype=torch.bool)
+        starts[1:] = values[1:] != values[:-1]
+        uniq, first = values[starts], order[starts]  # each value with the position of its first draw
         if uniq.numel() >= k:
             break
         if drawn.numel() > 64 * max(k, _chunk):
             drawn = uniq[torch.randperm(uniq.numel(), generator=gen)]  # keep memory bounded; still uniform
-    first = torch.full((uniq.numel(),), drawn.numel(), dtype=torch.long)
-    first.scatter_reduce_(0, inverse, torch.arange(drawn.numel()), reduce="amin")
     pos = uniq[torch.argsort(first)[:k]]
     ends = torch.cumsum(sizes, 0)
     which = torch.searchsorted(ends, pos, right=True)

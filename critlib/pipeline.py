@@ -17,6 +17,7 @@ from .io import write_json, write_table
 from .manifest import Timer, git_commit, host, peak_memory, versions
 from .models import DTYPES, Loaded, device_name, load_model
 from .params import Params
+from .scores import memory_saving
 from .sensitivity import Sensitivity, analyze, cross_metric, top_weights_table
 
 
@@ -40,7 +41,7 @@ def prepare(params: Params, timer: Timer | None = None) -> Context:
     seed_everything(params.seed)
     with timer.stage("load_model"):
         loaded = load_model(params.model, params.dtype, params.device, params.seed, params.tokenizer,
-                            params.trust_remote_code, params.revision)
+                            params.trust_remote_code, params.revision, params.device_map, params.max_memory)
     with timer.stage("load_data"):
         windows = load_windows(params.data, loaded.tokenizer, params.seq_len, params.n_sequences,
                                params.n_heldout, params.prepend_bos, params.seed, params.text_field,
@@ -50,7 +51,8 @@ def prepare(params: Params, timer: Timer | None = None) -> Context:
 
 def run_sensitivity(ctx: Context, progress: bool = True) -> Sensitivity:
     p = ctx.params
-    with ctx.timer.stage("scores"):
+    with ctx.timer.stage("scores"), memory_saving(ctx.loaded.model, p.gradient_checkpointing,
+                                                  p.sparse_embedding_grad):
         return analyze(ctx.loaded.model, ctx.windows.score, p.metrics, p.topk_global, p.topk_per_layer,
                        p.batch_size, p.exact_stats, p.chunk_size, DTYPES[p.fisher_dtype], progress)
 

@@ -232,13 +232,6 @@ def keep_sets(scores: dict[str, torch.Tensor], n: dict[str, int]) -> dict[str, t
     return {name: topk_chunked(s, n[name])[1].cpu() for name, s in scores.items()}
 
 
-def random_keep(weights: list[LinearWeight], n: dict[str, int], seed: int) -> dict[str, torch.Tensor]:
-    """Per tensor, n[name] distinct flat indices drawn uniformly (seeded; a prefix of a fixed permutation, so
-    smaller budgets are subsets of larger ones)."""
-    gen = torch.Generator().manual_seed(seed)
-    return {lw.name: torch.randperm(lw.param.numel(), generator=gen)[: n[lw.name]] for lw in weights}
-
-
 def budget(weights: list[LinearWeight], percent: float) -> dict[str, int]:
     """The per-tensor outlier budget round(percent/100 · numel)."""
     return {lw.name: int(round(percent / 100 * lw.param.numel())) for lw in weights}

@@ -15,7 +15,7 @@ that tensor's gradient is final, and the gradient is freed right after.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable
 
 import torch
@@ -37,6 +37,69 @@ def token_loss_sum(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Sum over the batch of the next-token cross-entropy, in fp32."""
     logits = model(input_ids=ids).logits[:, :-1].float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+
+
+_recomputing = [0]  # > 0 while activation checkpointing replays a layer's forward during backward
+
+
+@contextmanager
+def _replaying():
+    _recomputing[0] += 1
+    try:
+        yield
+    finally:
+        _recomputing[0] -= 1
+
+
+def _checkpointed(forward):
+    from torch.utils.checkpoint import checkpoint
+
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(lambda *a: forward(*a, **kwargs), *args, use_reentrant=False,
+                          context_fn=lambda: (nullcontext(), _replaying()))
+    return run
+
+
+@contextmanager
+def memory_saving(model: torch.nn.Module, checkpointing: bool = False, sparse_embedding: bool = False):
+    """Lower the peak memory of a gradient pass, restoring the model on exit.
+
+    `checkpointing`: keep only each decoder layer's input and replay the layer in backward (activation
+    memory of one layer instead of all); the replay does not count twice for wanda's input norms.
+    `sparse_embedding`: the input embedding's gradient holds only the rows of tokens seen (for a tied
+    lm_head/embedding it is added into the lm_head's dense gradient instead of a second dense matrix)."""
+    saved: list = []
+    try:
+        if checkpointing:
+            try:
+                from transformers.modeling_layers import GradientCheckpointingLayer
+            except ImportError:
+                GradientCheckpointingLayer = ()
+            layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+            if not layers:
+                raise CritlibError(f"{type(model).__name__} has no checkpointable decoder layers; set "
+                                   "gradient_checkpointing: false")
+            for m in layers:
+                saved.append((m, "forward", m.__dict__.get("forward")))
+                m.forward = _checkpointed(m.forward)
+            config = getattr(model, "config", None)
+            if config is not None and getattr(config, "use_cache", False):  # a cache would grow on replay
+                saved.append((config, "use_cache", True))
+                config.use_cache = False
+        if sparse_embedding:
+            emb = model.get_input_embeddings()
+            if isinstance(emb, torch.nn.Embedding):
+                saved.append((emb, "sparse", emb.sparse))
+                emb.sparse = True
+        yield model
+    finally:
+        for obj, attr, value in reversed(saved):
+            if attr == "forward" and value is None:
+                del obj.forward
+            else:
+                setattr(obj, attr, value)
 
 
 @contextmanager
@@ -89,6 +152,8 @@ class InputNorms:
 
     def _hook(self, mname: str, kind: str):
         def hook(mod, args, kwargs, out):
+            if _recomputing[0]:
+                return
             first = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
             with torch.no_grad():
                 if kind == "embedding":
@@ -185,11 +250,13 @@ def _gradient_pass(model, params, windows, grad_metrics, emit, batch_size, fishe
         n_total = reduce.total(n_total)
     per_seq = float(windows.shape[1] - 1)
     batches = windows.split(1 if fisher else batch_size)
-    state = {"last": False}
+    state = {"last": False, "emitted": set()}
     acc: dict[str, torch.Tensor] = {}
 
     def pre(name, p):
         def hook(g):
+            if g.is_sparse:
+                g = g.to_dense()
             _check_finite(name, g)
             gi = g.float() * (n_total / per_seq)  # this sequence's own mean-loss gradient
             if name in acc:
@@ -205,6 +272,8 @@ def _gradient_pass(model, params, windows, grad_metrics, emit, batch_size, fishe
                     p.grad = None
                 return
             g = p.grad
+            if g.is_sparse:
+                g = g.to_dense()
             if need_g:
                 if reduce is not None:  # NaN/inf survive the sum, so every rank raises alike
                     g = reduce.sum_(name, g)
@@ -217,6 +286,7 @@ def _gradient_pass(model, params, windows, grad_metrics, emit, batch_size, fishe
             if fisher:
                 f = acc.pop(name)
                 emit("fisher", name, (reduce.sum_(f"fisher:{name}", f) if reduce is not None else f).float())
+            state["emitted"].add(name)
             p.grad = None
         return hook
 
@@ -238,6 +308,11 @@ def _gradient_pass(model, params, windows, grad_metrics, emit, batch_size, fishe
                         raise CritlibError("the loss is NaN or inf; use dtype fp32, check the weights for NaN/inf, "
                                            "or try other data")
                     loss.backward()
+        for name, p in params:  # a parameter the loss does not reach has a zero gradient
+            if name not in state["emitted"]:
+                zero = torch.zeros_like(p, dtype=torch.float32)
+                for m in grad_metrics:
+                    emit(m, name, zero)
     finally:
         for _, p in params:
             p.grad = None

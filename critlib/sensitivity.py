@@ -40,6 +40,10 @@ class Sensitivity:
     gathered: dict[str, dict[tuple[str, int], float]] = field(default_factory=dict)
     bottom: dict[str, TopK] = field(default_factory=dict)  # candidates of the LOWEST scores, negated
     unscored: dict[str, list[str]] = field(default_factory=dict)
+    # over ALL weights, per metric: (count, float64 sum) in each float32 high-16-bit bin (stats.N_BINS bins)
+    hist: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # per metric: (layer, component) -> [count, float64 sum] of the scores of that cell
+    cells: dict[str, dict[tuple[int | None, str], list]] = field(default_factory=dict)
 
     def global_top(self, metric: str, k: int | None = None) -> list[tuple[str, int, float]]:
         return self.topk[metric].global_topk(k or self.topk_global, self.order)
@@ -70,6 +74,16 @@ def _feed(stats: Stats, groups, scores: torch.Tensor) -> None:
     for names, part in groups:
         x = scores if part is None else scores.narrow(part.dim, part.start, part.stop - part.start)
         stats.add(names, x)
+
+
+def _add_cells(cells: dict, name: str, parts: list[Part], scores: torch.Tensor) -> None:
+    layer = layer_of(name)
+    for p in parts:
+        x = scores if p.dim is None else scores.narrow(p.dim, p.start, p.stop - p.start)
+        cell = cells.setdefault((layer, p.component), [0, 0.0])
+        cell[0] += x.numel()
+        rows = max(1, (1 << 22) // max(1, x[0].numel())) if x.ndim else 1  # float64 copies of ≤ 4M scores
+        cell[1] += sum(float(c.sum(dtype=torch.float64)) for c in (x.split(rows) if x.ndim else [x]))
 
 
 def check_k(model: torch.nn.Module, topk_per_layer: int, topk_global: int) -> None:
@@ -107,16 +121,21 @@ def analyze(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], t
     stats = {m: Stats(chunk_size) for m in metrics}
     bottom = {m: TopK(bottomk, chunk_size) for m in metrics} if bottomk > 0 else {}
 
+    cells: dict[str, dict[tuple[int | None, str], list]] = {m: {} for m in metrics}
+
     def emit1(metric, name, s):
         topk[metric].add(name, s)
         if bottom:
             bottom[metric].add(name, -s)
         _feed(stats[metric], groups[name], s)
+        _add_cells(cells[metric], name, parts[name], s)
 
     unscored = score_model(model, windows, metrics, emit1, batch_size, fisher_dtype, progress, "pass 1/2",
                            reduce=reduce)
     result = Sensitivity(metrics, order, shapes, parts, topk, {}, topk_global, topk_per_layer,
-                         bottom=bottom, unscored={"wanda": unscored} if unscored else {})
+                         bottom=bottom, unscored={"wanda": unscored} if unscored else {}, cells=cells)
+    result.hist = {m: (stats[m].groups["global"].hist_count.clone(), stats[m].groups["global"].hist_sum.clone())
+                   for m in metrics if "global" in stats[m].groups}
     union: dict[str, list[int]] = {}
     if len(metrics) > 1:
         for m in metrics:

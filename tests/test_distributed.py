@@ -119,3 +119,25 @@ def test_cli_under_torchrun_matches_one_process(tmp_path):
     _close(sa["metrics"], sb["metrics"])
     man = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert man["distributed"] == {"world_size": 2, "backend": "gloo"}
+
+
+def test_placement_keys_are_checked():
+    from critlib.models import load_model, parse_max_memory
+    from critlib.params import load_params
+    assert parse_max_memory("0:70GiB, 1:60GiB,cpu:200GiB") == {0: "70GiB", 1: "60GiB", "cpu": "200GiB"}
+    assert load_params(None, ["device_map=auto", "max_memory=0:1GiB"]).device_map == "auto"
+    with pytest.raises(CritlibError, match="DEVICE:SIZE"):
+        load_params(None, ["max_memory=70GiB"])
+    with pytest.raises(CritlibError, match="unknown device_map"):
+        load_params(None, ["device_map=everywhere"])
+    if not torch.cuda.is_available():
+        with pytest.raises(CritlibError, match="CUDA is not available"):
+            load_model("tiny-llama", device_map="auto")
+
+
+def test_session_refuses_one_gpu_for_all_ranks(monkeypatch):
+    from critlib.distributed import session
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(CritlibError, match="every rank on one GPU"):
+        with session("cuda:0"):
+            pass

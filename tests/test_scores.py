@@ -162,3 +162,11 @@ def test_bf16_model_scores_in_fp32(windows):
     for d in got.values():
         for s in d.values():
             assert s.dtype == torch.float32 and torch.isfinite(s).all()
+
+
+def test_unused_parameter_gets_zero_scores(windows):
+    model = tiny("tiny-llama")
+    model.register_parameter("unused", torch.nn.Parameter(torch.ones(3)))
+    got = collect(model, windows, ["grad_x_weight", "fisher"])
+    assert torch.equal(got["grad_x_weight"]["unused"], torch.zeros(3))
+    assert torch.equal(got["fisher"]["unused"], torch.zeros(3))

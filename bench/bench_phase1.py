@@ -1,0 +1,322 @@
+"""Phase 1 benchmark: time and peak memory of each stage, critlib against plain PyTorch, CPU or GPU.
+
+    .venv/bin/python bench/bench_phase1.py --model llama-3.2-1b --dtype fp32 --batch 2 --seq-len 128
+
+Synthetic models of real shapes (random init, `critlib.models.PRESETS`) or the embedded default model;
+synthetic token ids. Every stage runs in a fresh subprocess, so its peak memory (CPU: the kernel's peak RSS
+counter, reset after loading; GPU: CUDA's peak allocation) is its own. Times are the median of --repeats runs
+after --warmup runs. Stages:
+
+  plain     forward+backward keeping every gradient (plain PyTorch), then plain scoring: per-tensor
+            torch.topk, global top-K by merging the per-tensor candidates, per-tensor moments, and where they
+            fit (≤ --fit elements) global percentiles by numpy.percentile and a concatenate-then-topk
+  onepass   critlib.analyze, one metric, exact_stats=False: one gradient pass; the time spent in ranking and
+            statistics (TopK.add, Stats.add, per-cell sums) is measured inside the run
+  twopass   the same with exact_stats=True (pass 2 pins exact percentiles)
+  fisher    critlib.analyze with metric fisher (one backward per sequence), one pass
+  phase1    `critlib score` end to end (load, two passes, held-out eval, tables, files written)
+  phase1_lowmem  the same with gradient_checkpointing and sparse_embedding_grad
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ("plain", "onepass", "twopass", "fisher", "phase1", "phase1_lowmem")
+
+
+def _reset_peak(dev) -> None:
+    import torch
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def _peak(dev) -> int:
+    import torch
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        return torch.cuda.max_memory_allocated(dev)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) * 1024
+    return -1
+
+
+def _rss() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) * 1024
+    return -1
+
+
+def _sync(dev) -> None:
+    import torch
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _timed(fn, dev, warmup: int, repeats: int) -> tuple[float, list[float], object]:
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(repeats):
+        _sync(dev)
+        t = time.perf_counter()
+        out = fn()
+        _sync(dev)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times, out
+
+
+def worker(args) -> dict:
+    import numpy as np
+    import torch
+
+    from critlib import sensitivity
+    from critlib.models import load_model
+    from critlib.scores import token_loss_sum
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    stage = args.worker
+    rec: dict = {"stage": stage}
+    if stage.startswith("phase1"):
+        return _phase1(args, rec)
+    t = time.perf_counter()
+    loaded = load_model(args.model, args.dtype, args.device, seed=0)
+    rec["load_s"] = time.perf_counter() - t
+    model = loaded.model
+    dev = next(model.parameters()).device
+    params = [(n, p) for n, p in model.named_parameters()]
+    rec["weight_bytes"] = sum(p.numel() * p.element_size() for _, p in params)
+    rec["n_weights"] = sum(p.numel() for _, p in params)
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0)).to(dev)
+    rec["rss_after_load"] = _rss()
+    k, kt = args.topk_global, args.topk_per_layer
+    _reset_peak(dev)
+    if stage == "plain":
+        n_total = ids.shape[0] * (ids.shape[1] - 1)
+
+        def fwd_bwd():
+            for _, p in params:
+                p.grad = None
+            with torch.enable_grad():
+                (token_loss_sum(model, ids) / n_total).backward()
+
+        rec["fwd_bwd_s"], rec["fwd_bwd_runs"], _ = _timed(fwd_bwd, dev, args.warmup, args.repeats)
+        rec["fwd_bwd_peak"] = _peak(dev)
+
+        def score_topk():
+            cands = []
+            for j, (n, p) in enumerate(params):
+                s = (p.grad.float() * p.detach().float()).abs_().reshape(-1)
+                v, i = torch.topk(s, min(max(k, kt), s.numel()))
+                cands.append((v, torch.full_like(i, j), i))
+            v = torch.cat([c[0] for c in cands])
+            top = torch.topk(v, k)
+            return top
+
+        rec["plain_score_topk_s"], _, _ = _timed(score_topk, dev, args.warmup, args.repeats)
+
+        def moments():
+            out = []
+            for _, p in params:
+                s = (p.grad.float() * p.detach().float()).abs_()
+                out.append((s.mean().item(), s.std().item(), s.min().item(), s.max().item()))
+            return out
+
+        rec["plain_moments_s"], _, _ = _timed(moments, dev, args.warmup, args.repeats)
+        if rec["n_weights"] <= args.fit:
+            def concat_all():
+                return torch.cat([(p.grad.float() * p.detach().float()).abs_().reshape(-1) for _, p in params])
+
+            def naive_topk():
+                return torch.topk(concat_all(), k)
+
+            def percentiles():
+                return np.percentile(concat_all().cpu().numpy(), [50, 90, 95, 99, 99.9, 99.99])
+
+            rec["plain_concat_topk_s"], _, _ = _timed(naive_topk, dev, args.warmup, args.repeats)
+            rec["plain_percentiles_s"], _, _ = _timed(percentiles, dev, args.warmup, args.repeats)
+        else:
+            rec["plain_concat_topk_s"] = rec["plain_percentiles_s"] = None
+        rec["peak"] = _peak(dev)
+        return rec
+    metric = "fisher" if stage == "fisher" else args.metric
+    spent = {"rank_stats_s": 0.0}
+
+    def timing(fn):
+        def run(*a, **kw):
+            _sync(dev)
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                _sync(dev)
+                spent["rank_stats_s"] += time.perf_counter() - t0
+        return run
+
+    originals = {name: getattr(sensitivity, name) for name in ("_feed", "_add_cells") if hasattr(sensitivity, name)}
+    topk_add = sensitivity.TopK.add
+    for name, fn in originals.items():
+        setattr(sensitivity, name, timing(fn))
+    sensitivity.TopK.add = timing(topk_add)
+
+    def run():
+        spent["rank_stats_s"] = 0.0
+        sensitivity.analyze(model, ids, [metric], topk_global=k, topk_per_layer=kt, batch_size=args.batch,
+                            exact_stats=stage == "twopass", chunk_size=args.chunk, progress=False)
+        return spent["rank_stats_s"]
+
+    rec["analyze_s"], rec["analyze_runs"], _ = _timed(run, dev, args.warmup, args.repeats)
+    rec["rank_stats_s"] = spent["rank_stats_s"]  # of the last run
+    rec["peak"] = _peak(dev)
+    return rec
+
+
+def _phase1(args, rec: dict) -> dict:
+    import torch
+
+    from critlib import pipeline
+    from critlib.params import load_params
+    sets = [f"model={args.model}", f"device={args.device}"]
+    if args.params is None:  # else the params file decides everything but the model and device
+        sets += [f"dtype={args.dtype}", f"seq_len={args.seq_len}", f"batch_size={args.batch}",
+                 f"topk_global={args.topk_global}", f"topk_per_layer={args.topk_per_layer}",
+                 f"chunk_size={args.chunk}", "data=random", f"n_sequences={args.batch}",
+                 f"n_heldout={args.heldout}", f"metrics={args.metric}"]
+        if args.topk_global < 1000:  # later phases' default perturbation sizes must fit the kept top-K
+            sets.append(f"perturb_ks=[{args.topk_global}]")
+    if args.worker == "phase1_lowmem":
+        sets += ["gradient_checkpointing=true", "sparse_embedding_grad=true"]
+    params = load_params(args.params, sets)
+    rec["params"] = sets
+    prepare = pipeline.prepare
+    info = {}
+
+    def prepared(*a, **kw):
+        ctx = prepare(*a, **kw)
+        dev = next(ctx.loaded.model.parameters()).device
+        info["dev"] = dev
+        info["weight_bytes"] = sum(p.numel() * p.element_size() for p in ctx.loaded.model.parameters())
+        info["rss_after_load"] = _rss()
+        _reset_peak(dev)
+        return ctx
+
+    pipeline.prepare = prepared
+    runs = []
+    for i in range(args.warmup + args.repeats):
+        with tempfile.TemporaryDirectory() as out:
+            t = time.perf_counter()
+            pipeline.score(params, out, progress=False)
+            _sync(info["dev"])
+            if i >= args.warmup:
+                runs.append(time.perf_counter() - t)
+            man = json.loads((Path(out) / "manifest.json").read_text())
+    rec.update(phase1_s=statistics.median(runs), phase1_runs=runs, stages_s=man["timings_s"],
+               weight_bytes=info["weight_bytes"], rss_after_load=info["rss_after_load"],
+               peak=_peak(info["dev"]), peak_whole_process=man["memory"].get("peak_rss_bytes"))
+    if info["dev"].type == "cuda":
+        rec["peak_whole_process"] = torch.cuda.max_memory_allocated(info["dev"])
+    return rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", help="a preset (llama-3.2-1b, llama-3.1-8b, smollm2-135m, "
+                    "...) or 'default' (the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--dtype", default="fp32")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch", type=int, default=2, help="sequences scored (all in one micro-batch)")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--heldout", type=int, default=0, help="held-out windows in the phase1 stages")
+    ap.add_argument("--metric", default="grad_x_weight")
+    ap.add_argument("--params", default=None, help="params YAML for --model default (e.g. params/default.yaml)")
+    ap.add_argument("--topk-global", type=int, default=1000)
+    ap.add_argument("--topk-per-layer", type=int, default=100)
+    ap.add_argument("--chunk", type=int, default=1 << 22)
+    ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--fit", type=float, default=3e8, help="largest model (weights) for the concatenating baselines")
+    ap.add_argument("--out", default=None, help="write the records as JSON here")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print("BENCH " + json.dumps(worker(args)))
+        return
+    from critlib.manifest import host, versions
+    records = []
+    for stage in args.stages.split(","):
+        cmd = [sys.executable, __file__, "--worker", stage] + [a for a in sys.argv[1:]]
+        t = time.perf_counter()
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
+        line = [ln for ln in done.stdout.splitlines() if ln.startswith("BENCH ")]
+        if done.returncode != 0 or not line:
+            rec = {"stage": stage, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+        else:
+            rec = json.loads(line[-1][6:])
+        rec["wall_s"] = time.perf_counter() - t
+        print(json.dumps(rec), flush=True)
+        records.append(rec)
+    import torch
+    result = {"command": " ".join([Path(sys.executable).name, "bench/bench_phase1.py"] + sys.argv[1:]),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "versions": versions(), "host": host(),
+              "cpu_count": os.cpu_count(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+              "records": records}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    print(summary(result))
+
+
+def summary(result: dict) -> str:
+    """A markdown table of the records."""
+    gib = 2 ** 30
+    rows = ["| stage | time (s) | peak (GiB) | peak / weights | notes |", "|---|---|---|---|---|"]
+    by = {r["stage"]: r for r in result["records"]}
+    for r in result["records"]:
+        if "error" in r:
+            rows.append(f"| {r['stage']} | – | – | – | error: {r['error']} |")
+            continue
+        wb = r.get("weight_bytes") or 1
+        t = r.get("fwd_bwd_s") or r.get("analyze_s") or r.get("phase1_s")
+        notes = []
+        if r["stage"] == "plain":
+            notes.append(f"load {r['load_s']:.1f}s; plain score+per-tensor topk+global {r['plain_score_topk_s']:.2f}s; "
+                         f"plain moments {r['plain_moments_s']:.2f}s")
+            if r.get("plain_concat_topk_s") is not None:
+                notes.append(f"concat+topk {r['plain_concat_topk_s']:.2f}s; np.percentile {r['plain_percentiles_s']:.2f}s")
+            else:
+                notes.append("concat baselines skipped (do not fit)")
+        elif "rank_stats_s" in r:
+            fb = by.get("plain", {}).get("fwd_bwd_s")
+            share = f" = {100 * r['rank_stats_s'] / fb:.1f}% of fwd+bwd" if fb else ""
+            notes.append(f"ranking+statistics {r['rank_stats_s']:.2f}s{share}")
+        else:
+            notes.append(", ".join(f"{k} {v:.1f}s" for k, v in r.get("stages_s", {}).items()))
+            if r.get("peak_whole_process"):
+                notes.append(f"whole-process peak incl. load {r['peak_whole_process'] / gib:.2f} GiB")
+        peak = r.get("fwd_bwd_peak") or r.get("peak")
+        rows.append(f"| {r['stage']} | {t:.2f} | {peak / gib:.2f} | {peak / wb:.2f}× | {'; '.join(notes)} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""Applications of the rankings, each a measured experiment on one model and its held-out windows, every score
+next to the magnitude and random baselines:
+
+- quantization: held-out ppl of round-to-nearest per-group fake quantization of every Linear weight, with the
+  top p% of each tensor (per-tensor budget) kept in original precision, chosen by each selector;
+- pruning: held-out ppl at each sparsity, per layer and global, pruning the lowest-scored weights;
+- bit flips: damage of single-bit flips in the top-N weights of each selector, and flips needed to break the
+  model (ppl ≥ factor × baseline) in damage order vs random flips.
+
+`run_applications` returns tidy DataFrames (one row per measured point); `run_command` is `critlib quantize`,
+`critlib prune`, `critlib bitflip` and `critlib applications`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import CritlibError
+from .bitflip import Evaluator, flips_to_break, random_flips, ranked, single_flips
+from .models import DTYPES
+from .prune import linear_scores, prune_masks, pruned, random_scores
+from .quantize import (OUTLIER_BYTES, QuantConfig, budget, keep_sets, kept_originals, linear_weights,
+                       quantized)
+from .rank import TopK
+from .scores import score_model, scored_parameters
+
+BASELINES = ("magnitude", "random")
+
+
+def selectors(metrics: list[str]) -> list[str]:
+    """The params' metrics, then the baselines magnitude (if not already a metric) and random."""
+    return list(metrics) + [b for b in BASELINES if b not in metrics]
+
+
+def _kind(selector: str) -> str:
+    return "baseline" if selector in BASELINES else "reference" if selector in ("none", "superweights") else "metric"
+
+
+def _point(res: dict) -> dict:
+    return {k: res[k] for k in ("ppl", "ppl_ratio", "kl", "nll", "accuracy")}
+
+
+def _selector_scores(ctx, selector: str, weights, seed: int, progress: bool) -> dict[str, torch.Tensor]:
+    p = ctx.params
+    if selector == "random":
+        return random_scores(weights, seed)
+    return linear_scores(ctx.loaded.model, ctx.windows.score, selector, weights, p.batch_size,
+                         DTYPES[p.fisher_dtype], progress)
+
+
+def _protect_sets(ctx, sens, weights, k: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Per metric, its global top-k restricted to the pruned Linear weights (flat indices per tensor)."""
+    if not k or sens is None:
+        return {}
+    names = {lw.name for lw in weights}
+    out = {}
+    for m in sens.metrics:
+        coords: dict[str, list[int]] = {}
+        for name, flat, _ in _global_top(ctx, sens, m, k):
+            if name in names:
+                coords.setdefault(name, []).append(flat)
+        out[m] = {n: torch.tensor(v) for n, v in coords.items()}
+    return out
+
+
+def score_phase(ctx, sens, ev: Evaluator, want_quant: bool, want_prune: bool, progress: bool = True):
+    """One scoring pass per selector: derive the quantization keep sets (small) and run the pruning points
+    while that selector's scores are in memory. Returns (keep sets per selector, pruning DataFrame)."""
+    p = ctx.params
+    model = ctx.loaded.model
+    weights = linear_weights(model, p.quant_include_head)
+    sels = selectors(p.metrics)
+    n_max = budget(weights, max(p.quant_keep_percents)) if want_quant else None
+    keeps: dict[str, dict[str, torch.Tensor]] = {}
+    rows = []
+    protect = _protect_sets(ctx, sens, weights, p.prune_protect_k) if want_prune else {}
+    if want_prune:
+        with pruned(model, weights, {}) as info:
+            rows.append(dict(mode="none", sparsity=0.0, selector="none", kind="reference", protected="",
+                             n_weights=info.n_weights, n_masked=0, n_changed=0,
+                             achieved_sparsity=info.sparsity, **_point(ev())))
+    n_points = len(sels) * len(p.prune_modes) * len(p.prune_sparsities) * (1 + len(protect)) if want_prune else 0
+    bar = tqdm(total=n_points, desc="pruning", disable=not progress or not want_prune)
+    for sel in sels:
+        scores = _selector_scores(ctx, sel, weights, p.seed, progress)
+        if want_quant:
+            keeps[sel] = keep_sets(scores, n_max)
+        if want_prune:
+            for mode in p.prune_modes:
+                for s in p.prune_sparsities:
+                    for pname, prot in [("", None)] + list(protect.items()):
+                        masks = prune_masks(scores, s, mode, prot, [lw.name for lw in weights])
+                        with pruned(model, weights, masks) as info:
+                            rows.append(dict(mode=mode, sparsity=s, selector=sel, kind=_kind(sel),
+                                             protected=pname and f"top{p.prune_protect_k}:{pname}",
+                                             n_weights=info.n_weights, n_masked=info.n_masked,
+                                             n_changed=info.n_changed, achieved_sparsity=info.sparsity,
+                                             **_point(ev())))
+                        del masks
+                        bar.update(1)
+        del scores
+    bar.close()
+    return keeps, pd.DataFrame(rows)
+
+
+def quantization_phase(ctx, keeps: dict, ev: Evaluator, superweights: list[tuple[str, int, int]] | None = None,
+                       progress: bool = True) -> pd.DataFrame:
+    """Held-out ppl per (bits, selector, keep percent); one quantization per bit width serves every keep set.
+    With quant_clip_z > 0 or `superweights`, adds the super-weight-aware points (clip, restore)."""
+    p = ctx.params
+    model = ctx.loaded.model
+    weights = linear_weights(model, p.quant_include_head)
+    rows = []
+    pcts = sorted(set(p.quant_keep_percents))
+    n_points = len(p.quant_bits) * (int(0 in pcts) + len(keeps) * len([x for x in pcts if x > 0]))
+    bar = tqdm(total=n_points, desc="quantization", disable=not progress)
+
+    def row(cfg, q, selector, pct, n_kept, res):
+        outl = n_kept * OUTLIER_BYTES
+        return dict(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric, clip_z=cfg.clip_z,
+                    selector=selector, kind=_kind(selector), keep_percent=pct, n_kept=n_kept,
+                    n_weights=q.n_weights, n_quant_changed=q.n_changed, quant_bytes=q.quant_bytes,
+                    outlier_bytes=outl, total_bytes=q.quant_bytes + outl, fp16_bytes=q.fp16_bytes,
+                    bits_per_weight=8 * (q.quant_bytes + outl) / q.n_weights, **_point(res))
+
+    for bits in p.quant_bits:
+        cfg = QuantConfig(bits, p.quant_group_size, p.quant_symmetric).check()
+        with quantized(model, cfg, weights) as q:
+            if 0 in pcts:
+                rows.append(row(cfg, q, "none", 0.0, 0, ev()))
+                bar.update(1)
+            for sel, keep in keeps.items():
+                for pct in [x for x in pcts if x > 0]:
+                    n = budget(weights, pct)
+                    subset = {name: idx[: n[name]] for name, idx in keep.items()}
+                    with kept_originals(weights, q, subset):
+                        rows.append(row(cfg, q, sel, pct, sum(int(v.numel()) for v in subset.values()), ev()))
+                    bar.update(1)
+        variants = []
+        if p.quant_clip_z > 0:
+            variants.append((QuantConfig(bits, p.quant_group_size, p.quant_symmetric, p.quant_clip_z), None))
+        if superweights:
+            variants.append((cfg, superweights))
+            if p.quant_clip_z > 0:
+                variants.append((variants[0][0], superweights))
+        for vcfg, sw in variants:
+            with quantized(model, vcfg, weights, restore=sw) as q:
+                rows.append(row(vcfg, q, "superweights" if sw else "none", 0.0, q.n_kept, ev()))
+    bar.close()
+    return pd.DataFrame(rows)
+
+
+def _global_top(ctx, sens, metric: str, n: int) -> list[tuple[str, int, float]]:
+    """The exact global top-n (param, flat, score) of `metric`: from Phase 1 when it kept enough, else scored."""
+    if sens is not None and metric in sens.topk and n <= sens.topk[metric].k:
+        return sens.global_top(metric, n)
+    model = ctx.loaded.model
+    top = TopK(n)
+    if metric == "magnitude":
+        for name, prm in scored_parameters(model):
+            top.add(name, prm.detach().float().abs())
+    else:
+        score_model(model, ctx.windows.score, [metric], lambda m, name, s: top.add(name, s),
+                    ctx.params.batch_size, DTYPES[ctx.params.fisher_dtype], False)
+    return top.global_topk(n, [name for name, _ in scored_parameters(model)])
+
+
+def bitflip_phase(ctx, sens, progress: bool = True) -> dict[str, pd.DataFrame]:
+    """Single-flip damage table, its ranking, and flips-to-break per selector (damage order) and for random
+    flips (random weights, random bit positions, `bitflip_draws` draws, at most `bitflip_cap` flips)."""
+    p = ctx.params
+    model = ctx.loaded.model
+    ev = Evaluator(model, ctx.windows.heldout[: p.bitflip_eval_windows], p.batch_size)
+    cands = []
+    for sel in selectors(p.metrics):
+        if sel == "random":
+            pairs = [(n, f) for n, f in random_flip_weights(model, p.bitflip_top_n, p.seed)]
+        else:
+            pairs = [(n, f) for n, f, _ in _global_top(ctx, sens, sel, p.bitflip_top_n)]
+        cands += [(sel, r, n, f) for r, (n, f) in enumerate(pairs, 1)]
+    bar = tqdm(desc="bit flips", disable=not progress)
+    table = single_flips(model, cands, p.bitflip_bits, ev, bar)
+    bar.close()
+    for c in ("ppl_ratio", "kl"):
+        table[c] = table[c].astype("float64")
+    breaks = []
+    base = dict(base_ppl=ev.base["ppl"], factor=p.bitflip_break_factor, eval_windows=len(ev.windows))
+    if len(table):
+        for sel in list(table["selector"].unique()) + ["all"]:
+            sub = table if sel == "all" else table[table["selector"] == sel]
+            order = ranked(sub)
+            flips = list(zip(order["param"], order["flat"], order["bit"]))
+            res = flips_to_break(model, flips, ev, p.bitflip_break_factor, p.bitflip_cap)
+            breaks.append(dict(selector=sel, kind=_kind(sel) if sel != "all" else "combined", order="damage",
+                               draw=0, **base, **res))
+    for d in range(p.bitflip_draws):
+        flips = random_flips(model, p.bitflip_cap, p.seed + 1000 + d)
+        res = flips_to_break(model, flips, ev, p.bitflip_break_factor, p.bitflip_cap)
+        breaks.append(dict(selector="random", kind="baseline", order="random_bits", draw=d, **base, **res))
+    breaks = pd.DataFrame(breaks)
+    if len(breaks):
+        breaks["n_flips"] = breaks["n_flips"].astype("Int64")
+    return {"bitflip_single": table, "bitflip_ranked": ranked(table) if len(table) else table,
+            "bitflip_break": breaks}
+
+
+def random_flip_weights(model, n: int, seed: int) -> list[tuple[str, int]]:
+    from .perturb import select_random
+    return select_random(model, n, seed).to_list()
+
+
+def run_applications(ctx, sens=None, progress: bool = True, which: tuple[str, ...] = ("quantize", "prune", "bitflip"),
+                     superweights: list[tuple[str, int, int]] | None = None) -> dict[str, pd.DataFrame]:
+    """Every application experiment on `ctx`'s model and held-out windows -> tidy tables: `quantization`,
+    `pruning`, `bitflip_single`, `bitflip_ranked`, `bitflip_break`. `sens` (Phase 1) supplies the top-N weights
+    for the bit flips (rescored when missing); `superweights` ((param, row, col)) adds super-weight-aware
+    quantization points."""
+    unknown = set(which) - {"quantize", "prune", "bitflip"}
+    if unknown:
+        raise CritlibError(f"unknown application(s) {', '.join(sorted(unknown))}; choose quantize, prune, bitflip")
+    out: dict[str, pd.DataFrame] = {}
+    if "quantize" in which or "prune" in which:
+        ev = Evaluator(ctx.loaded.model, ctx.windows.heldout, ctx.params.batch_size)
+        with ctx.timer.stage("applications_scores_prune"):
+            keeps, prune_df = score_phase(ctx, sens, ev, "quantize" in which, "prune" in which, progress)
+        if "prune" in which:
+            out["pruning"] = prune_df
+        if "quantize" in which:
+            with ctx.timer.stage("applications_quantize"):
+                out["quantization"] = quantization_phase(ctx, keeps, ev, superweights, progress)
+        del ev
+    if "bitflip" in which:
+        with ctx.timer.stage("applications_bitflip"):
+            out.update(bitflip_phase(ctx, sens, progress))
+    return out
+
+
+def run_command(command: str, params, outdir: str | Path | None = None, progress: bool = True) -> Path:
+    """`critlib quantize|prune|bitflip|applications`: run, write each table (parquet + csv) and a manifest."""
+    from .io import write_table, write_json
+    from .pipeline import manifest, prepare
+    which = {"quantize": ("quantize",), "prune": ("prune",), "bitflip": ("bitflip",),
+             "applications": ("quantize", "prune", "bitflip")}[command]
+    outdir = Path(outdir or params.output_dir)
+    ctx = prepare(params)
+    tables = run_applications(ctx, None, progress, which)
+    for name, df in tables.items():
+        write_table(outdir / name, df)
+    write_json(outdir / f"manifest_{command}.json", manifest(ctx, {"tables": sorted(tables)}))
+    return outdir

@@ -1,0 +1,333 @@
+"""What each phase computes and writes, so the notebooks stay thin and `critlib run` runs the same code.
+
+`PHASES` is the report's table of contents: one entry per notebook in `notebooks/`, in run order. Each
+phase writes its tables/JSON into the run folder (atomically), a `manifest_<key>.json`, and
+`headlines/<key>.json` (the numbers `index.html` shows).
+
+Phase 1's result is cached in `<run>/cache/phase1.pkl` under a key of everything it depends on (params,
+data windows, model identity, scoring code), so the notebooks of one run score the model once; a notebook
+run alone recomputes whatever is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from . import CritlibError, __version__
+from .io import atomic_path, write_json, write_table
+from .params import Params, load_params, valid_keys
+from .pipeline import Context, manifest, prepare
+
+
+@dataclass(frozen=True)
+class Phase:
+    key: str  # notebook file stem in notebooks/
+    number: int
+    title: str
+    summary: str
+    requires: tuple[str, ...] = ()  # critlib modules it needs
+
+
+PHASES: tuple[Phase, ...] = (
+    Phase("01_sensitivity", 1, "Sensitivity", "Scores of every weight by each metric: heavy tail, where the "
+          "score mass sits (layer × component), top weights with their tokens."),
+    Phase("02_cross_metric", 2, "Cross-metric agreement", "Overlap, Jaccard and Spearman between metrics, "
+          "against each metric's seed-to-seed and corpus-to-corpus stability."),
+    Phase("03_perturbation", 3, "Perturbation (causal test)", "Dose-response of held-out perplexity, accuracy "
+          "and KL to perturbing the top-K of each metric vs random, magnitude and bottom-K controls.",
+          ("critlib.experiments",)),
+    Phase("04_super_weights", 4, "Super weights", "Data-free super-weight detection (Yu et al. 2024), its "
+          "validation, and where each super weight ranks in Phase 1.", ("critlib.superweights",)),
+    Phase("05_token_explorer", 5, "Token explorer", "Scores of each token's embedding and lm_head rows per "
+          "dimension and its rank among all tokens."),
+    # with notebooks/06_applications.ipynb in place, add:
+    # Phase("06_applications", 6, "Applications", "Quantization with kept outliers, pruning and bit-flip "
+    #       "vulnerability per selector.", ("critlib.applications",)),
+)
+
+
+def phase(which: int | str) -> Phase:
+    for p in PHASES:
+        if str(which) in (str(p.number), p.key, f"{p.number:02d}"):
+            return p
+    raise CritlibError(f"unknown phase '{which}'; choose from {', '.join(f'{p.number} ({p.key})' for p in PHASES)}")
+
+
+def select(spec: str | list | None) -> list[Phase]:
+    """Phases from '1,3' / ['01_sensitivity'] / None (all), in run order."""
+    if spec is None or spec == "" or spec == []:
+        return list(PHASES)
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s) for s in spec]
+    chosen = {phase(s).key for s in items if s}
+    return [p for p in PHASES if p.key in chosen]
+
+
+# ---------------------------------------------------------------- notebook parameters
+
+def params_from(namespace: dict) -> Params:
+    """The run's Params from a notebook's variables: `params_file` (a YAML, or None for the built-in
+    defaults), overridden by any variable named like a Params key that is not None (papermill `-f X.yaml`
+    injects every key of X). Opened from `notebooks/` in JupyterLab, relative paths resolve from the
+    repository root, as with `make run`."""
+    cwd = Path.cwd()
+    if cwd.name == "notebooks" and (cwd.parent / "params").is_dir():
+        os.chdir(cwd.parent)
+    overrides = {k: namespace[k] for k in valid_keys() if namespace.get(k) is not None}
+    return load_params(namespace.get("params_file"), overrides)
+
+
+def outdir_of(params: Params) -> Path:
+    out = Path(params.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+# ---------------------------------------------------------------- headlines
+
+def write_headline(outdir: str | Path, key: str, items: list[tuple[str, object]] | dict) -> None:
+    """The numbers of a phase that `index.html` shows: [(label, value), ...]."""
+    items = list(items.items()) if isinstance(items, dict) else list(items)
+    write_json(Path(outdir) / "headlines" / f"{key}.json",
+               {"phase": key, "items": [{"label": str(k), "value": _plain(v)} for k, v in items]})
+
+
+def read_headlines(outdir: str | Path) -> dict[str, list[dict]]:
+    out = {}
+    for f in sorted((Path(outdir) / "headlines").glob("*.json")):
+        try:
+            out[f.stem] = json.loads(f.read_text())["items"]
+        except (OSError, ValueError, KeyError):
+            continue
+    return out
+
+
+def _plain(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and v != v:
+        return None
+    return v
+
+
+# ---------------------------------------------------------------- phase 1
+
+@dataclass
+class Phase1:
+    sens: object  # critlib.sensitivity.Sensitivity
+    table: pd.DataFrame  # top_weights
+    heldout: dict  # unperturbed held-out evaluation ({} without held-out windows)
+    from_cache: bool = False
+
+
+def _bottomk(params: Params) -> int:
+    ks = getattr(params, "perturb_ks", None) or []
+    return max([int(k) for k in ks] + [0])
+
+
+def _code_hash() -> str:
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for mod in ("scores", "sensitivity", "rank", "stats", "data", "models", "layout"):
+        h.update((here / f"{mod}.py").read_bytes())
+    return h.hexdigest()
+
+
+def phase1_key(ctx: Context) -> str:
+    p = ctx.params
+    keys = ("model", "tokenizer", "revision", "data", "text_field", "seq_len", "n_sequences", "n_heldout",
+            "batch_size", "prepend_bos", "metrics", "topk_per_layer", "topk_global", "seed", "dtype",
+            "exact_stats", "chunk_size", "fisher_dtype")
+    ident = {k: getattr(p, k) for k in keys}
+    ident.update(windows=ctx.windows.sha256, model_info=ctx.loaded.info, bottomk=_bottomk(p),
+                 device=str(next(ctx.loaded.model.parameters()).device), critlib=__version__, code=_code_hash())
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _load_cache(path: Path, key: str):
+    try:
+        with open(path, "rb") as f:
+            obj = pickle.load(f)
+        return obj if obj.get("key") == key else None
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError, TypeError):
+        return None
+
+
+def sensitivity(ctx: Context, outdir: str | Path, progress: bool = True, write: bool = True) -> Phase1:
+    """Phase 1 scores (from the run's cache when its key matches), the top-weights table and the unperturbed
+    held-out evaluation; with `write`, the files of `critlib score` plus the figures' tables."""
+    from .evaluate import evaluate
+    from .models import DTYPES
+    from .sensitivity import analyze, cross_metric, top_weights_table
+    outdir = Path(outdir)
+    p = ctx.params
+    cache = outdir / "cache" / "phase1.pkl"
+    key = phase1_key(ctx)
+    hit = _load_cache(cache, key)
+    if hit is not None:
+        sens, heldout = hit["sens"], hit["heldout"]
+    else:
+        with ctx.timer.stage("scores"):
+            sens = analyze(ctx.loaded.model, ctx.windows.score, p.metrics, p.topk_global, p.topk_per_layer,
+                           p.batch_size, p.exact_stats, p.chunk_size, DTYPES[p.fisher_dtype], progress,
+                           bottomk=_bottomk(p))
+        with ctx.timer.stage("heldout_eval"):
+            heldout = evaluate(ctx.loaded.model, ctx.windows.heldout, p.batch_size) if len(ctx.windows.heldout) \
+                else {}
+        with atomic_path(cache) as tmp:
+            with open(tmp, "wb") as f:
+                pickle.dump({"key": key, "sens": sens, "heldout": heldout}, f, protocol=pickle.HIGHEST_PROTOCOL)
+    with ctx.timer.stage("tables"):
+        table = top_weights_table(sens, ctx.loaded.model, ctx.loaded.tokenizer)
+    if write:
+        from .viz import cells_frame, log_histogram
+        write_table(outdir / "top_weights", table)
+        write_json(outdir / "sensitivity_stats.json", {"metrics": sens.stats, "cross_metric": cross_metric(sens),
+                                                        "unscored": sens.unscored, "heldout": heldout})
+        write_table(outdir / "layer_component", cells_frame(sens))
+        hist = []
+        for m, (counts, _) in sens.hist.items():
+            df, extra = log_histogram(counts.numpy(), per_octave=4)
+            hist.append(df.assign(metric=m, zero_or_subnormal=extra["zero_or_subnormal"], total=extra["total"]))
+        if hist:
+            write_table(outdir / "score_histogram", pd.concat(hist, ignore_index=True))
+        write_json(outdir / "manifest.json", manifest(ctx, {"phase": "01_sensitivity", "phase1_cache_hit": hit is not None}))
+        items = [("weights scored", sens.stats[sens.metrics[0]]["global"].get("count", 0))]
+        if heldout:
+            items.append(("held-out perplexity", round(heldout["ppl"], 4)))
+        for m in sens.metrics:
+            g = sens.stats[m]["global"]
+            items.append((f"{m}: share of score in the top 0.1% of weights", g.get("top_share", {}).get("0.1%")))
+            items.append((f"{m}: max / mean", g.get("max_over_mean")))
+        write_headline(outdir, "01_sensitivity", items)
+    return Phase1(sens, table, heldout, from_cache=hit is not None)
+
+
+# ---------------------------------------------------------------- phase 2
+
+def cross_metric_phase(ctx: Context, p1: Phase1, outdir: str | Path, progress: bool = True) -> dict:
+    """Metric-vs-metric agreement of the global top-K, and each metric's top-K stability across window seeds
+    (`stability_seeds`) and across corpora (`stability_data`), each compared with the Phase 1 run."""
+    from .agreement import cross_table, stability_table, top_sets, topk_sets, with_baseline
+    from .data import load_windows
+    from .models import DTYPES
+    p = ctx.params
+    outdir = Path(outdir)
+    sens = p1.sens
+    k = p.topk_global
+    base = f"{p.data} seed {p.seed}"
+    runs = {base: top_sets(sens, k)}
+    kinds = {base: "base"}
+    vocab = ctx.loaded.model.get_input_embeddings().num_embeddings
+    others = [(f"{p.data} seed {s}", p.data, s, "seed") for s in p.stability_seeds]
+    if p.stability_data and p.stability_data != p.data:
+        others.append((f"{p.stability_data} seed {p.seed}", p.stability_data, p.seed, "corpus"))
+    for name, data, seed, kind in others:
+        with ctx.timer.stage(f"stability {name}"):
+            w = load_windows(data, ctx.loaded.tokenizer, p.seq_len, p.n_sequences, 0, p.prepend_bos, seed,
+                             p.text_field, vocab_size=vocab)
+            runs[name] = topk_sets(ctx.loaded.model, w.score, p.metrics, k, p.batch_size, p.chunk_size,
+                                   DTYPES[p.fisher_dtype], progress, desc=name)
+            kinds[name] = kind
+    cross = cross_table(sens, k)
+    stab = stability_table(runs, base, kinds)
+    table = with_baseline(cross, stab)
+    write_table(outdir / "cross_metric", table)
+    write_table(outdir / "stability", stab)
+    write_json(outdir / "manifest_02_cross_metric.json", manifest(ctx, {"phase": "02_cross_metric",
+                                                                         "runs": list(runs)}))
+    items = []
+    if len(table):
+        items.append((f"mean Jaccard between metrics (top-{k})", round(float(table["jaccard"].mean()), 4)))
+    for kind in ("seed", "corpus"):
+        sub = stab[(stab["comparison"] == kind) & (stab["run_a"] == base)]
+        if len(sub):
+            items.append((f"mean Jaccard of a metric with itself, other {kind}",
+                          round(float(sub["jaccard"].mean()), 4)))
+    write_headline(outdir, "02_cross_metric", items)
+    return {"cross": table, "stability": stab, "runs": runs, "base": base}
+
+
+# ---------------------------------------------------------------- phase 3
+
+def perturbation_phase(ctx: Context, p1: Phase1, outdir: str | Path, progress: bool = True) -> dict:
+    """Dose-response over `perturb_ks` of every selector × method (critlib.experiments)."""
+    from .experiments import run_perturbation, summarize
+    outdir = Path(outdir)
+    with ctx.timer.stage("perturbation"):
+        df = run_perturbation(ctx, p1.sens, progress=progress)
+    summary = summarize(df)
+    write_table(outdir / "perturbation", df)
+    write_table(outdir / "perturbation_summary", summary)
+    baseline = df.attrs.get("baseline", {})
+    write_json(outdir / "manifest_03_perturbation.json", manifest(ctx, {"phase": "03_perturbation",
+                                                                         "baseline": baseline}))
+    write_headline(outdir, "03_perturbation", perturbation_headline(summary))
+    return {"raw": df, "summary": summary, "baseline": baseline}
+
+
+def perturbation_headline(summary: pd.DataFrame) -> list[tuple[str, object]]:
+    """At the largest K, zeroing: the perplexity ratio of each metric's top-K, random-K and magnitude-K."""
+    if summary.empty:
+        return []
+    zero = summary[summary["method"] == "zero"]
+    if zero.empty:
+        zero = summary[summary["method"] == summary["method"].iloc[0]]
+    kmax = int(zero["k"].max())
+    at = zero[zero["k"] == kmax]
+    method = at["method"].iloc[0]
+    return [(f"ppl ratio, {method} top-{kmax} of {s}", round(float(v), 4))
+            for s, v in zip(at["selector"], at["ppl_ratio_mean"]) if not s.startswith("bottom")]
+
+
+# ---------------------------------------------------------------- phase 4
+
+def super_weights_phase(ctx: Context, p1: Phase1 | None, outdir: str | Path) -> dict:
+    """Data-free super-weight detection and validation (critlib.superweights) -> superweights.json."""
+    from .superweights import run_super_weights
+    outdir = Path(outdir)
+    with ctx.timer.stage("super_weights"):
+        result = run_super_weights(ctx, p1.sens if p1 is not None else None)
+    write_json(outdir / "superweights.json", result)
+    write_json(outdir / "manifest_04_super_weights.json", manifest(ctx, {"phase": "04_super_weights"}))
+    sw = result.get("super_weights", [])
+    items: list[tuple[str, object]] = [("super weights found", len(sw))]
+    for r in sw[:4]:
+        items.append((f"{r['param']}[{r['row']},{r['col']}]: ppl ratio when zeroed", r.get("ppl_ratio_when_zeroed")))
+    joint = result.get("joint") or {}
+    if isinstance(joint, dict) and joint.get("ppl_ratio") is not None:
+        items.append(("all super weights zeroed: ppl ratio", joint["ppl_ratio"]))
+    write_headline(outdir, "04_super_weights", items)
+    return result
+
+
+# ---------------------------------------------------------------- phase 5
+
+def token_explorer_phase(ctx: Context, outdir: str | Path, progress: bool = True):
+    """Every token's embedding/lm_head row scores -> token_summary table (row totals and ranks)."""
+    from .models import DTYPES
+    from .tokens import token_scores
+    p = ctx.params
+    outdir = Path(outdir)
+    with ctx.timer.stage("token_rows"):
+        ts = token_scores(ctx.loaded.model, ctx.windows.score, p.metrics, p.batch_size, DTYPES[p.fisher_dtype],
+                          progress, ctx.loaded.tokenizer)
+    write_table(outdir / "token_summary", ts.summary())
+    write_json(outdir / "manifest_05_token_explorer.json", manifest(ctx, {"phase": "05_token_explorer",
+                                                                           "roles": ts.roles}))
+    m, role = ts.metrics[0], next(iter(ts.roles))
+    top = ts.top_tokens(m, role, 5)
+    write_headline(outdir, "05_token_explorer", [("tokens", ts.vocab_size), ("rows", ", ".join(ts.roles)),
+                                                 (f"top tokens by {m} ({role} row)", ", ".join(ts.text(i) for i in top))])
+    return ts
+
+
+__all__ = ["PHASES", "Phase", "Phase1", "phase", "select", "params_from", "outdir_of", "prepare", "sensitivity",
+           "cross_metric_phase", "perturbation_phase", "super_weights_phase", "token_explorer_phase",
+           "write_headline", "read_headlines"]

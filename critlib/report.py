@@ -1,0 +1,295 @@
+"""`critlib run`: execute the phase notebooks with papermill, render each to a self-contained HTML page, and
+write `index.html` with the run's headline numbers.
+
+Everything is produced in a staging folder beside the output folder and moved into place only when every
+notebook succeeded, so a failing cell leaves the previous report as it was; the partial run is kept in
+`<outdir>.failed/`. Notebooks run in a kernel of this very interpreter. The HTML works offline: plotly.js
+is embedded once per page, and no script is loaded from a CDN.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+from . import CritlibError, __version__
+from .io import atomic_path, write_json
+from .params import Params, load_params
+from .phases import PHASES, Phase, read_headlines, select
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+KERNEL_NAME = "critlib-interpreter"
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+TEMPLATE = r"""{%- extends 'lab/index.html.j2' -%}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+{%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+{%- block extra_css -%}
+<style>
+details.critlib-code > summary { cursor: pointer; color: #777; font-size: 12px; margin: 2px 0 2px 70px; }
+details.critlib-code[open] > summary { margin-bottom: 4px; }
+.critlib-nav { font: 14px sans-serif; margin: 8px 0 16px 70px; }
+</style>
+<script type="text/javascript">window.PlotlyConfig = {MathJaxConfig: 'local'};</script>
+<script type="text/javascript">{{ resources.critlib_plotlyjs }}</script>
+{%- endblock extra_css -%}
+{%- block body_header -%}
+{{ super() }}
+<div class="critlib-nav"><a href="index.html">&larr; report index</a></div>
+{%- endblock body_header -%}
+{% block input_group -%}
+<details class="critlib-code"><summary>code</summary>
+{{ super() }}
+</details>
+{%- endblock input_group %}
+"""
+
+
+def notebook_path(p: Phase, notebooks: Path | None = None) -> Path:
+    return (notebooks or NOTEBOOKS) / f"{p.key}.ipynb"
+
+
+@contextmanager
+def interpreter_kernel():
+    """A kernelspec that runs this interpreter (found first through JUPYTER_PATH), so notebooks import the
+    critlib of this environment whatever other `python3` kernels the user has."""
+    with tempfile.TemporaryDirectory(prefix="critlib-kernel-") as d:
+        kdir = Path(d) / "kernels" / KERNEL_NAME
+        kdir.mkdir(parents=True)
+        (kdir / "kernel.json").write_text(json.dumps({
+            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": "critlib (this interpreter)", "language": "python"}))
+        old = os.environ.get("JUPYTER_PATH")
+        os.environ["JUPYTER_PATH"] = d + (os.pathsep + old if old else "")
+        try:
+            yield KERNEL_NAME
+        finally:
+            if old is None:
+                os.environ.pop("JUPYTER_PATH", None)
+            else:
+                os.environ["JUPYTER_PATH"] = old
+
+
+def plotlyjs() -> str:
+    from plotly.offline import get_plotlyjs
+    return get_plotlyjs()
+
+
+def to_html(notebook: str | Path, html_path: str | Path, title: str | None = None) -> Path:
+    """Render an executed notebook to one offline HTML page: code folded, widget views dropped (they need a
+    live kernel), plotly.js embedded once."""
+    import jinja2
+    import nbformat
+    from nbconvert import HTMLExporter
+    nb = nbformat.read(str(notebook), as_version=4)
+    nb.metadata.pop("widgets", None)
+    if title:
+        nb.metadata["title"] = title
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        kept = []
+        for out in cell.get("outputs", []):
+            data = out.get("data")
+            if data and WIDGET_VIEW in data:
+                del data[WIDGET_VIEW]
+                if set(data) <= {"text/plain"}:
+                    continue
+            kept.append(out)
+        cell.outputs = kept
+    exporter = HTMLExporter(template_name="lab", extra_loaders=[jinja2.DictLoader({"critlib.html.j2": TEMPLATE})],
+                            template_file="critlib.html.j2")
+    body, _ = exporter.from_notebook_node(nb, resources={"critlib_plotlyjs": plotlyjs()})
+    with atomic_path(html_path) as tmp:
+        tmp.write_text(body, encoding="utf-8")
+    return Path(html_path)
+
+
+def _error_line(err) -> str:
+    """One line from a papermill execution error: the exception type and the first line of its message."""
+    ename = getattr(err, "ename", type(err).__name__)
+    evalue = str(getattr(err, "evalue", err)).strip().splitlines()
+    cell = getattr(err, "exec_count", None)
+    where = f" in cell [{cell}]" if cell is not None else ""
+    return f"{ename}{where}: {evalue[0] if evalue else ''}"
+
+
+def execute(notebook: Path, output: Path, parameters: dict, kernel: str, cwd: str | Path, progress: bool) -> None:
+    import papermill
+    papermill.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name=kernel,
+                               progress_bar=progress, cwd=str(cwd), log_output=False)
+
+
+def _move_into(src: Path, dst: Path) -> None:
+    """Move every file under `src` to the same place under `dst`, each with one atomic rename; index.html
+    last, so a reader never sees an index that links pages not yet in place."""
+    files = sorted((f for f in src.rglob("*") if f.is_file()), key=lambda f: f.name == "index.html")
+    for f in files:
+        target = dst / f.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(f, target)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def run_report(params_file: str | Path | None = None, overrides: list[str] | dict | None = None,
+               outdir: str | Path | None = None, phases: str | list | None = None, progress: bool = True,
+               notebooks: str | Path | None = None) -> Path:
+    """Execute the chosen phases' notebooks (all by default) and write the report into `outdir` (default:
+    the params' output_dir): `<phase>.ipynb`, `<phase>.html`, the phases' data files, `run.json`, and
+    `index.html`. Raises CritlibError with the failing cell's error; the previous report stays intact."""
+    params = load_params(params_file, overrides)
+    outdir = Path(outdir or params.output_dir).resolve()
+    nb_dir = Path(notebooks).resolve() if notebooks else NOTEBOOKS
+    chosen = select(phases)
+    for p in chosen:
+        if not notebook_path(p, nb_dir).is_file():
+            raise CritlibError(f"notebook {notebook_path(p, nb_dir)} is missing; critlib run needs the notebooks/ "
+                               "folder of a critlib checkout")
+    outdir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.staging-", dir=outdir.parent))
+    failed = outdir.parent / f"{outdir.name}.failed"
+    try:
+        if (outdir / "cache").is_dir():  # lets `--phases 3` reuse the Phase 1 scores of the last run
+            shutil.copytree(outdir / "cache", staging / "cache", copy_function=_link_or_copy)
+        params.output_dir = str(staging)
+        resolved = staging / "params.yaml"
+        with atomic_path(resolved) as tmp:
+            tmp.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
+        record = {"critlib_version": __version__, "params_file": str(params_file) if params_file else None,
+                  "overrides": overrides if isinstance(overrides, dict) else list(overrides or []),
+                  "started": _now(), "phases": {}}
+        with interpreter_kernel() as kernel:
+            for p in chosen:
+                nb_out = staging / f"{p.key}.ipynb"
+                start = time.perf_counter()
+                if progress:
+                    print(f"critlib: phase {p.number} ({p.key})", file=sys.stderr, flush=True)
+                try:
+                    execute(notebook_path(p, nb_dir), nb_out, {"params_file": str(resolved),
+                                                              "output_dir": str(staging)},
+                            kernel, Path.cwd(), progress)
+                except Exception as e:
+                    if type(e).__name__ != "PapermillExecutionError":
+                        raise
+                    _fail(staging, failed, p, nb_out)
+                    raise CritlibError(f"notebook {p.key} failed: {_error_line(e)} — partial notebook: "
+                                       f"{failed / nb_out.name}; the previous report in {outdir} was left as it "
+                                       "was") from None
+                to_html(nb_out, staging / f"{p.key}.html", f"{p.number}. {p.title}")
+                record["phases"][p.key] = {"seconds": round(time.perf_counter() - start, 2), "finished": _now()}
+        record["finished"] = _now()
+        previous = _read_json(outdir / "run.json")
+        for key, info in (previous or {}).get("phases", {}).items():
+            if key not in record["phases"] and (outdir / f"{key}.html").is_file():
+                record["phases"][key] = dict(info, from_earlier_run=True)
+        params.output_dir = str(outdir)
+        with atomic_path(resolved) as tmp:
+            tmp.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
+        write_json(staging / "run.json", record)
+        headlines = read_headlines(outdir)
+        headlines.update(read_headlines(staging))
+        write_index(staging / "index.html", params, record, headlines)
+        _move_into(staging, outdir)
+    except BaseException:
+        if staging.exists():
+            _fail(staging, failed, None, None)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return outdir
+
+
+def _fail(staging: Path, failed: Path, p: Phase | None, nb_out: Path | None) -> None:
+    """Keep the partial run as `<outdir>.failed/` (replacing an older one), with the failed notebook's HTML."""
+    if nb_out is not None and nb_out.is_file():
+        try:
+            to_html(nb_out, nb_out.with_suffix(".html"), f"{p.number}. {p.title} (FAILED)")
+        except Exception:  # the notebook itself is what matters
+            pass
+    shutil.rmtree(failed, ignore_errors=True)
+    os.replace(staging, failed)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, bool) or v is None:
+        return "—" if v is None else str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def write_index(path: Path, params: Params, record: dict, headlines: dict[str, list[dict]]) -> None:
+    """The report's front page: run identity, and per phase its pages and headline numbers."""
+    e = html.escape
+    rows = []
+    for p in PHASES:
+        info = record["phases"].get(p.key)
+        if info is None:
+            status = "not run"
+            links = ""
+        else:
+            status = f"{info['seconds']:.0f} s" + (" (earlier run)" if info.get("from_earlier_run") else "")
+            links = f'<a href="{p.key}.html">report</a> · <a href="{p.key}.ipynb">notebook</a>'
+        items = "".join(f"<li>{e(i['label'])}: <b>{e(_fmt(i['value']))}</b></li>" for i in headlines.get(p.key, [])
+                        ) if info is not None else ""
+        rows.append(f"<tr><td>{p.number}</td><td><b>{e(p.title)}</b><br><span class=s>{e(p.summary)}</span></td>"
+                    f"<td>{links}</td><td>{e(status)}</td><td><ul>{items}</ul></td></tr>")
+    ident = [("model", params.model), ("data", params.data), ("metrics", ", ".join(params.metrics)),
+             ("scoring / held-out windows", f"{params.n_sequences} / {params.n_heldout} × {params.seq_len} tokens"),
+             ("seed", params.seed), ("params file", record.get("params_file") or "(built-in defaults)"),
+             ("overrides", ", ".join(map(str, record.get("overrides") or [])) or "none"),
+             ("started / finished", f"{record.get('started')} / {record.get('finished')}"),
+             ("critlib", record.get("critlib_version"))]
+    ident_html = "".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in ident)
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>critlib report — {e(params.model)}</title>
+<style>
+body {{ font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; width: 100%; margin-bottom: 1.5em; }}
+td, th {{ border-bottom: 1px solid #ddd; padding: 6px 8px; vertical-align: top; text-align: left; }}
+th {{ width: 220px; color: #555; font-weight: normal; }}
+.s {{ color: #666; font-size: 13px; }} ul {{ margin: 0; padding-left: 1.1em; }}
+</style></head><body>
+<h1>critlib report</h1>
+<table>{ident_html}</table>
+<h2>Phases</h2>
+<table class="phases"><tr><th>#</th><th>phase</th><th>pages</th><th>time</th><th>headline numbers</th></tr>
+{''.join(rows)}
+</table>
+<p class=s>Files: <code>params.yaml</code> (the resolved parameters), <code>run.json</code>, each phase's tables
+(<code>.parquet</code> + <code>.csv</code>), JSON and <code>manifest_*.json</code>. Pages work offline.</p>
+</body></html>
+"""
+    with atomic_path(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")

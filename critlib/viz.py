@@ -1,0 +1,435 @@
+"""Plotly figures of every phase (each function returns a `go.Figure`) and the histogram arithmetic behind
+the heavy-tail plots.
+
+Histograms come from `Sensitivity.hist`: exact counts of ALL scores in float32 high-16-bit bins (bin b holds
+the floats whose bit pattern lies in [b·2¹⁶, (b+1)·2¹⁶)), so bin lower edges are exact float values and no
+list of all scores is ever built. `setup()` makes figures display as the Plotly mimetype (live JupyterLab)
+plus an HTML div without plotly.js (the report embeds plotly.js once per page).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.subplots import make_subplots
+
+from .layout import COMPONENTS
+from .stats import N_BINS
+
+MANTISSA_BITS = 7  # of the 16 high bits of a non-negative float32: 8 exponent bits, 7 mantissa bits
+FIRST_NORMAL = 1 << MANTISSA_BITS  # bins below hold zero and subnormals
+FIRST_NONFINITE = 255 << MANTISSA_BITS  # bins from here hold inf and NaN
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f",
+           "#bcbd22", "#17becf")
+
+
+# ---------------------------------------------------------------- display
+
+class _Renderer(pio.base_renderers.MimetypeRenderer):
+    """Plotly mimetype for JupyterLab + an HTML div (no plotly.js, no CDN) for nbconvert."""
+
+    def to_mimebundle(self, fig_dict):
+        bundle = pio.base_renderers.PlotlyRenderer().to_mimebundle(fig_dict)
+        bundle["text/html"] = pio.to_html(fig_dict, include_plotlyjs=False, include_mathjax=False,
+                                          full_html=False, default_width="100%", validate=False,
+                                          config={"displaylogo": False, "responsive": True})
+        return bundle
+
+
+def setup() -> None:
+    """Make `fig.show()` / a figure as a cell's value render with the critlib renderer."""
+    pio.renderers["critlib"] = _Renderer()
+    pio.renderers.default = "critlib"
+
+
+def colors(names) -> dict[str, str]:
+    return {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(names)}
+
+
+# ---------------------------------------------------------------- histogram arithmetic
+
+def bin_edges() -> np.ndarray:
+    """The lower edge (smallest float32 value) of each of the N_BINS high-16-bit bins, as float64."""
+    bits = (np.arange(N_BINS, dtype=np.int64) << 16).astype(np.uint32)
+    return bits.view(np.float32).astype(np.float64)
+
+
+def _value_of_bin(b: np.ndarray) -> np.ndarray:
+    return (np.asarray(b, dtype=np.int64) << 16).astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def log_histogram(counts, per_octave: int = 4) -> tuple[pd.DataFrame, dict]:
+    """Coarsen exact high-16-bit bin counts to `per_octave` bins per power of two (1, 2, 4, ..., 128).
+
+    Returns one row per non-empty bin (lo, hi, count, fraction, per_octave: count / log2(hi/lo)) and the
+    counts that a log axis cannot show: {"zero_or_subnormal", "nonfinite", "total"}. Bin [lo, hi) edges are
+    exact float32 values; each coarse bin is a whole number of fine bins, so its count is exact.
+    """
+    if per_octave < 1 or per_octave > 1 << MANTISSA_BITS or per_octave & (per_octave - 1):
+        raise ValueError(f"per_octave={per_octave} must be a power of two from 1 to 128")
+    counts = np.asarray(counts, dtype=np.int64)
+    shift = MANTISSA_BITS - int(math.log2(per_octave))
+    total = int(counts.sum())
+    coarse = counts[FIRST_NORMAL:FIRST_NONFINITE].reshape(-1, 1 << shift).sum(axis=1)
+    first = FIRST_NORMAL >> shift
+    g = np.nonzero(coarse)[0] + first
+    lo, hi = _value_of_bin(g << shift), _value_of_bin((g + 1) << shift)
+    c = coarse[g - first]
+    df = pd.DataFrame({"lo": lo, "hi": hi, "count": c,
+                       "fraction": c / total if total else np.zeros(len(c)),
+                       "per_octave": c / np.log2(hi / lo)})
+    extra = {"zero_or_subnormal": int(counts[:FIRST_NORMAL].sum()),
+             "nonfinite": int(counts[FIRST_NONFINITE:].sum()), "total": total}
+    return df, extra
+
+
+def ccdf(counts, max_points: int | None = 2000) -> pd.DataFrame:
+    """P(score ≥ x) at x = the lower edge of each non-empty normal bin, exact (all scores of a bin lie at
+    or above its lower edge and below the next bin's). With `max_points`, keeps an evenly spaced subset
+    of the points (always the first and last)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    at_or_above = np.cumsum(counts[::-1])[::-1]
+    b = np.nonzero(counts[FIRST_NORMAL:FIRST_NONFINITE])[0] + FIRST_NORMAL
+    if max_points and len(b) > max_points:
+        b = b[np.unique(np.linspace(0, len(b) - 1, max_points).round().astype(np.int64))]
+    return pd.DataFrame({"x": _value_of_bin(b), "n_at_or_above": at_or_above[b],
+                         "p": at_or_above[b] / total if total else np.zeros(len(b))})
+
+
+# ---------------------------------------------------------------- phase 1
+
+def _log_axis_note(extra: dict) -> str:
+    parts = [f"{extra['zero_or_subnormal']:,} zero/subnormal"] if extra["zero_or_subnormal"] else []
+    if extra["nonfinite"]:
+        parts.append(f"{extra['nonfinite']:,} inf/NaN")
+    return ("not on the log axis: " + ", ".join(parts)) if parts else ""
+
+
+def score_histogram(hists: dict[str, np.ndarray], per_octave: int = 4) -> go.Figure:
+    """Log-binned histogram of all scores of each metric (counts per octave, log-log)."""
+    fig = go.Figure()
+    cmap = colors(hists)
+    notes = []
+    for m, counts in hists.items():
+        df, extra = log_histogram(counts, per_octave)
+        x = np.sqrt(df["lo"] * df["hi"])
+        fig.add_trace(go.Scatter(
+            x=x, y=df["per_octave"], mode="lines+markers", name=m, line=dict(shape="hvh", color=cmap[m]),
+            customdata=np.stack([df["lo"], df["hi"], df["count"], df["fraction"]], axis=1),
+            hovertemplate=(f"<b>{m}</b><br>score in [%{{customdata[0]:.3g}}, %{{customdata[1]:.3g}})<br>"
+                           "weights: %{customdata[2]:,}<br>fraction: %{customdata[3]:.3g}<extra></extra>")))
+        note = _log_axis_note(extra)
+        if note:
+            notes.append(f"{m}: {note}")
+    fig.update_xaxes(type="log", title="score")
+    fig.update_yaxes(type="log", title="weights per octave of score")
+    fig.update_layout(title="Distribution of the scores of ALL weights (log bins)", height=480,
+                      hovermode="closest")
+    if notes:
+        fig.add_annotation(text="; ".join(notes), xref="paper", yref="paper", x=0, y=-0.22,
+                           showarrow=False, font=dict(size=11), align="left")
+    return fig
+
+
+def score_ccdf(hists: dict[str, np.ndarray]) -> go.Figure:
+    """Log-log complementary CDF P(score ≥ x) of all scores of each metric."""
+    fig = go.Figure()
+    cmap = colors(hists)
+    for m, counts in hists.items():
+        df = ccdf(counts)
+        fig.add_trace(go.Scatter(
+            x=df["x"], y=df["p"], mode="lines", name=m, line=dict(shape="hv", color=cmap[m]),
+            customdata=df["n_at_or_above"],
+            hovertemplate=f"<b>{m}</b><br>score ≥ %{{x:.3g}}: %{{customdata:,}} weights (%{{y:.3g}})<extra></extra>"))
+    fig.update_xaxes(type="log", title="score x")
+    fig.update_yaxes(type="log", title="P(score ≥ x)", exponentformat="power")
+    fig.update_layout(title="Heavy tail: complementary CDF over ALL weights", height=480)
+    return fig
+
+
+def cells_frame(sens, k: int | None = None) -> pd.DataFrame:
+    """One row per (metric, layer, component): weights, score sum, share of the metric's total score,
+    global top-k count and share, and the parameters in the cell."""
+    from .layout import component_at, layer_of
+    k = k or sens.topk_global
+    names: dict[tuple, list[str]] = {}
+    for n in sens.order:
+        for p in sens.parts[n]:
+            names.setdefault((layer_of(n), p.component), []).append(n)
+    rows = []
+    for m in sens.metrics:
+        tops: dict[tuple, int] = {}
+        for n, f, _ in sens.global_top(m, k):
+            r, c = sens.coords(n, f)
+            key = (layer_of(n), component_at(sens.parts[n], r, c))
+            tops[key] = tops.get(key, 0) + 1
+        total = sum(v[1] for v in sens.cells[m].values())
+        for (layer, comp), (count, s) in sens.cells[m].items():
+            rows.append({"metric": m, "layer": layer, "component": comp, "n_weights": count, "score_sum": s,
+                         "score_share": s / total if total > 0 else float("nan"), "topk": tops.get((layer, comp), 0),
+                         "topk_share": tops.get((layer, comp), 0) / k, "k": k,
+                         "params": ", ".join(names.get((layer, comp), []))})
+    df = pd.DataFrame(rows)
+    df["layer"] = df["layer"].astype("Int64")
+    return df
+
+
+def _layer_label(layer) -> str:
+    return "outside blocks" if layer is None or pd.isna(layer) else str(int(layer))
+
+
+def layer_component_heatmap(cells: pd.DataFrame, value: str = "score_share") -> go.Figure:
+    """Layer × component heatmap of `value` ("score_share" or "topk") with a dropdown per metric; hover
+    names the parameters of the cell and its numbers."""
+    metrics = list(dict.fromkeys(cells["metric"]))
+    comps = [c for c in COMPONENTS if c in set(cells["component"])]
+    layers = sorted({int(v) for v in cells["layer"].dropna()})
+    ylabels = [str(v) for v in layers] + (["outside blocks"] if cells["layer"].isna().any() else [])
+    label = {"score_share": "share of the metric's total score", "topk": "weights in the global top-K"}[value]
+    fig = go.Figure()
+    for i, m in enumerate(metrics):
+        sub = cells[cells["metric"] == m]
+        z = np.full((len(ylabels), len(comps)), np.nan)
+        text = np.full(z.shape, "", dtype=object)
+        for row in sub.itertuples():
+            y, x = ylabels.index(_layer_label(row.layer)), comps.index(row.component)
+            z[y, x] = getattr(row, value)
+            text[y, x] = (f"{row.params}<br>weights: {row.n_weights:,}<br>score sum: {row.score_sum:.4g}"
+                          f"<br>share of score: {row.score_share:.3%}<br>in top-{row.k}: {row.topk}")
+        fig.add_trace(go.Heatmap(z=z, x=comps, y=ylabels, text=text, visible=i == 0, colorscale="Viridis",
+                                 colorbar=dict(title=value), name=m, hoverongaps=False,
+                                 hovertemplate=f"<b>{m}</b> layer %{{y}}, %{{x}}<br>%{{text}}<extra></extra>"))
+    buttons = [dict(label=m, method="update", args=[{"visible": [j == i for j in range(len(metrics))]},
+                                                    {"title": f"{label} — {m}"}]) for i, m in enumerate(metrics)]
+    fig.update_layout(title=f"{label} — {metrics[0]}", height=max(420, 18 * len(ylabels) + 160),
+                      updatemenus=[dict(buttons=buttons, x=1.0, xanchor="right", y=1.12, yanchor="top")])
+    fig.update_yaxes(title="layer", autorange="reversed", type="category")
+    fig.update_xaxes(title="component")
+    return fig
+
+
+def per_layer(cells: pd.DataFrame) -> go.Figure:
+    """Per layer, every metric: share of the total score (top) and share of the global top-K (bottom)."""
+    by = cells.assign(layer_label=cells["layer"].map(_layer_label)).groupby(
+        ["metric", "layer_label"], sort=False)[["score_share", "topk_share"]].sum().reset_index()
+    layers = sorted({int(v) for v in cells["layer"].dropna()})
+    order = [str(v) for v in layers] + (["outside blocks"] if cells["layer"].isna().any() else [])
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=("share of the metric's total score", "share of the metric's global top-K"))
+    cmap = colors(dict.fromkeys(cells["metric"]))
+    for m in cmap:
+        sub = by[by["metric"] == m].set_index("layer_label").reindex(order)
+        for r, col in ((1, "score_share"), (2, "topk_share")):
+            fig.add_trace(go.Scatter(x=order, y=sub[col], name=m, legendgroup=m, showlegend=r == 1,
+                                     mode="lines+markers", line=dict(color=cmap[m]),
+                                     hovertemplate=f"<b>{m}</b> layer %{{x}}: %{{y:.3%}}<extra></extra>"),
+                          row=r, col=1)
+    fig.update_xaxes(type="category", title="layer", row=2, col=1)
+    fig.update_yaxes(tickformat=".0%")
+    fig.update_layout(title="Per-layer comparison of the metrics", height=620)
+    return fig
+
+
+def top_weights_view(table: pd.DataFrame, n: int = 10) -> pd.DataFrame:
+    """The first `n` global ranks of each metric, with decoded tokens, for display."""
+    g = table[table["scope"] == "global"]
+    g = g[g["rank"] <= n]
+    return g[["metric", "rank", "param", "layer", "component", "row", "col", "score", "weight", "token_id",
+              "token"]].reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- phase 2
+
+def agreement_heatmaps(cross: pd.DataFrame, metrics: list[str]) -> go.Figure:
+    """Metric × metric matrices of top-K overlap (fraction of K), Jaccard and Spearman (diagonal 1)."""
+    quantities = [("overlap_fraction", "overlap / K"), ("jaccard", "Jaccard"), ("spearman", "Spearman (union)")]
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[q[1] for q in quantities], horizontal_spacing=0.12)
+    for j, (col, title) in enumerate(quantities, 1):
+        z = np.eye(len(metrics))
+        for r in cross.itertuples():
+            a, b = metrics.index(r.metric_a), metrics.index(r.metric_b)
+            v = getattr(r, col)
+            z[a, b] = z[b, a] = np.nan if v is None or pd.isna(v) else v
+        fig.add_trace(go.Heatmap(z=z, x=metrics, y=metrics, zmin=-1 if col == "spearman" else 0, zmax=1,
+                                 colorscale="RdBu" if col == "spearman" else "Viridis", showscale=j == 3,
+                                 text=np.vectorize(lambda v: "" if np.isnan(v) else f"{v:.2f}")(z),
+                                 texttemplate="%{text}", hovertemplate=f"%{{y}} vs %{{x}}<br>{title}: %{{z:.3f}}<extra></extra>"),
+                      row=1, col=j)
+        fig.update_yaxes(autorange="reversed", row=1, col=j)
+    k = int(cross["k"].iloc[0]) if len(cross) else 0
+    fig.update_layout(title=f"Agreement between metrics on the global top-{k}", height=430)
+    return fig
+
+
+def rank_scatter(pairs: dict[str, pd.DataFrame]) -> go.Figure:
+    """Rank under metric A vs rank under metric B over the union of their top-K (dropdown per pair)."""
+    fig = go.Figure()
+    names = list(pairs)
+    groups = (("both", "#1f77b4"), ("only A", "#d62728"), ("only B", "#2ca02c"))
+    for i, name in enumerate(names):
+        df = pairs[name]
+        member = np.where(df["in_top_a"] & df["in_top_b"], "both", np.where(df["in_top_a"], "only A", "only B"))
+        for g, color in groups:
+            sub = df[member == g]
+            fig.add_trace(go.Scattergl(
+                x=sub["rank_a"], y=sub["rank_b"], mode="markers", marker=dict(size=4, color=color, opacity=0.6),
+                name=f"top-K of {g}", visible=i == 0, legendgroup=g,
+                customdata=np.stack([sub["param"], sub["flat"], sub["score_a"], sub["score_b"]], axis=1),
+                hovertemplate="%{customdata[0]}[%{customdata[1]}]<br>rank A %{x}, rank B %{y}"
+                              "<br>score A %{customdata[2]:.3g}, score B %{customdata[3]:.3g}<extra></extra>"))
+    n = len(groups)
+    buttons = [dict(label=name, method="update",
+                    args=[{"visible": [j // n == i for j in range(len(names) * n)]},
+                          {"title": f"Rank vs rank on the union of the top-K: {name}"}])
+               for i, name in enumerate(names)]
+    fig.update_layout(title=f"Rank vs rank on the union of the top-K: {names[0] if names else ''}", height=520,
+                      updatemenus=[dict(buttons=buttons, x=1.0, xanchor="right", y=1.15, yanchor="top")])
+    fig.update_xaxes(type="log", title="rank under metric A (1 = highest)")
+    fig.update_yaxes(type="log", title="rank under metric B")
+    return fig
+
+
+def stability_bars(stability: pd.DataFrame) -> go.Figure:
+    """Jaccard of each metric's top-K between the base run and each other run (other seed / corpus)."""
+    fig = go.Figure()
+    for i, (run, sub) in enumerate(stability.groupby("run_b", sort=False)):
+        fig.add_trace(go.Bar(x=sub["metric"], y=sub["jaccard"], name=f"vs {run}", marker_color=PALETTE[i % 10],
+                             customdata=np.stack([sub["overlap"], sub["k"]], axis=1),
+                             hovertemplate="%{x}: Jaccard %{y:.3f} (overlap %{customdata[0]} of %{customdata[1]})"
+                                           "<extra>" + str(run) + "</extra>"))
+    base = stability["run_a"].iloc[0] if len(stability) else ""
+    fig.update_layout(barmode="group", title=f"Stability of each metric's top-K: {base} vs other data windows",
+                      yaxis=dict(title="Jaccard", range=[0, 1.05]), height=420)
+    return fig
+
+
+def cross_vs_baseline(table: pd.DataFrame) -> go.Figure:
+    """Each metric pair's Jaccard next to its seed-to-seed baseline (the lower of the two metrics' mean
+    Jaccard between seeds)."""
+    x = table["metric_a"] + " vs " + table["metric_b"]
+    fig = go.Figure([
+        go.Bar(x=x, y=table["jaccard"], name="between the two metrics", marker_color=PALETTE[0]),
+        go.Scatter(x=x, y=table["seed_baseline"], mode="markers", name="seed-to-seed baseline (lower of the two)",
+                   marker=dict(symbol="line-ew", size=28, line=dict(width=3, color=PALETTE[1]))),
+    ])
+    fig.update_layout(title="Cross-metric agreement against the seed-to-seed baseline", height=440,
+                      yaxis=dict(title="Jaccard of the top-K", range=[0, 1.05]), xaxis=dict(tickangle=-30))
+    return fig
+
+
+# ---------------------------------------------------------------- phase 3
+
+def dose_response(summary: pd.DataFrame, value: str = "ppl_ratio", log_y: bool = True) -> go.Figure:
+    """Dose-response over K of `value` (ppl_ratio, accuracy or kl), one panel per perturbation method, one
+    line per selector; selectors with several draws show mean ± std as a band."""
+    methods = list(dict.fromkeys(zip(summary["method"], summary["method_arg"].fillna(""))))
+    titles = [f"{m}{':' + a if a else ''}" for m, a in methods]
+    cols = min(3, len(methods)) or 1
+    rows = math.ceil(len(methods) / cols) or 1
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.07,
+                        vertical_spacing=0.12)
+    selectors = list(dict.fromkeys(summary["selector"]))
+    cmap = colors(selectors)
+    for i, (m, a) in enumerate(methods):
+        r, c = i // cols + 1, i % cols + 1
+        sub = summary[(summary["method"] == m) & (summary["method_arg"].fillna("") == a)]
+        for s in selectors:
+            d = sub[sub["selector"] == s].sort_values("k")
+            d = d[d["k"] > 0]
+            if d.empty:
+                continue
+            mean, std = d[f"{value}_mean"], d[f"{value}_std"].fillna(0)
+            if (d["n_draws"] > 1).any():
+                fig.add_trace(go.Scatter(x=list(d["k"]) + list(d["k"])[::-1],
+                                         y=list(mean + std) + list(mean - std)[::-1], fill="toself",
+                                         fillcolor=cmap[s], opacity=0.2, line=dict(width=0), hoverinfo="skip",
+                                         showlegend=False, legendgroup=s), row=r, col=c)
+            fig.add_trace(go.Scatter(
+                x=d["k"], y=mean, mode="lines+markers", name=s, legendgroup=s, showlegend=i == 0,
+                line=dict(color=cmap[s], dash="dot" if s.startswith(("random", "bottom", "magnitude")) else None),
+                customdata=np.stack([std, d["n_draws"], d["n_changed_mean"]], axis=1),
+                hovertemplate=(f"<b>{s}</b> K=%{{x}}<br>{value}: %{{y:.4g}} ± %{{customdata[0]:.2g}}"
+                               "<br>draws: %{customdata[1]}, weights changed: %{customdata[2]:.0f}<extra></extra>")),
+                row=r, col=c)
+    fig.update_xaxes(type="log", title="K (weights perturbed)")
+    if log_y and value in ("ppl_ratio", "kl"):
+        fig.update_yaxes(type="log")
+    fig.update_layout(title=f"Dose-response: {value} vs K", height=330 * rows + 120)
+    return fig
+
+
+# ---------------------------------------------------------------- phase 4
+
+def super_weight_bars(records: list[dict]) -> go.Figure:
+    """Perplexity ratio when each super weight alone is zeroed, against random weights of the same tensor."""
+    labels = [f"{r['param']}[{r['row']},{r['col']}]" for r in records]
+    fig = go.Figure([
+        go.Bar(x=labels, y=[r.get("ppl_ratio_when_zeroed") for r in records], name="super weight zeroed",
+               marker_color=PALETTE[1]),
+        go.Bar(x=labels, y=[r.get("random_ppl_ratio_mean") for r in records], name="random weight of the same tensor",
+               marker_color=PALETTE[7],
+               error_y=dict(type="data", array=[r.get("random_ppl_ratio_std") or 0 for r in records])),
+    ])
+    fig.update_yaxes(type="log", title="held-out perplexity ratio")
+    fig.update_layout(barmode="group", title="Zeroing one weight: super weight vs random control", height=440)
+    return fig
+
+
+def activation_profile(profile: list[dict]) -> go.Figure:
+    """Each block's largest |down-projection output| on the detection prompt."""
+    x = [str(p["layer"]) for p in profile]
+    fig = go.Figure(go.Bar(x=x, y=[p["out_max"] for p in profile], marker_color=PALETTE[0],
+                           customdata=[[p["in_channel"], p["out_channel"], p["position"], p.get("spike_ratio")]
+                                       for p in profile],
+                           hovertemplate="layer %{x}: max |out| %{y:.4g}<br>in ch %{customdata[0]} → out ch "
+                                         "%{customdata[1]} at token %{customdata[2]}<br>spike ratio %{customdata[3]:.3g}"
+                                         "<extra></extra>"))
+    fig.update_yaxes(type="log", title="max |down_proj output|")
+    fig.update_xaxes(title="layer", type="category")
+    fig.update_layout(title="Down-projection output maxima per block (super activations stand out)", height=400)
+    return fig
+
+
+# ---------------------------------------------------------------- phase 5
+
+def token_rows(tokens: dict, metrics: list[str], roles: list[str]) -> go.Figure:
+    """Per-dimension scores of token rows with a dropdown over tokens; one panel per (metric, role).
+
+    `tokens`: {label: {(metric, role): 1-D array over dimensions}}.
+    """
+    panels = [(m, r) for m in metrics for r in roles]
+    fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, vertical_spacing=0.03,
+                        subplot_titles=[f"{m} — {r} row" for m, r in panels])
+    labels = list(tokens)
+    for i, label in enumerate(labels):
+        for j, key in enumerate(panels):
+            y = np.asarray(tokens[label][key], dtype=np.float32)
+            fig.add_trace(go.Bar(y=y, visible=i == 0, marker_color=PALETTE[j % len(PALETTE)], showlegend=False,
+                                 hovertemplate=f"{key[0]} {key[1]} dim %{{x}}: %{{y:.4g}}<extra></extra>"),
+                          row=j + 1, col=1)
+    n = len(panels)
+    buttons = [dict(label=label, method="update", args=[{"visible": [t // n == i for t in range(len(labels) * n)]},
+                                                        {"title": f"Scores per dimension — token {label}"}])
+               for i, label in enumerate(labels)]
+    fig.update_layout(title=f"Scores per dimension — token {labels[0] if labels else ''}",
+                      height=170 * len(panels) + 150, bargap=0,
+                      updatemenus=[dict(buttons=buttons, x=1.0, xanchor="right", y=1.0, yanchor="bottom",
+                                        pad=dict(b=40))])
+    fig.update_xaxes(title="dimension", row=len(panels), col=1)
+    return fig
+
+
+def token_ranks(summary: pd.DataFrame, metric: str, role: str, n: int = 40) -> go.Figure:
+    """Row score of the top-`n` tokens by `metric` ({role} row sum), with their text."""
+    col = f"{metric}:{role}"
+    top = summary.nsmallest(n, f"rank:{col}")
+    fig = go.Figure(go.Bar(x=[f"{t} ({i})" for t, i in zip(top["token"], top["token_id"])], y=top[f"sum:{col}"],
+                           marker_color=PALETTE[0], hovertemplate="%{x}: %{y:.4g}<extra></extra>"))
+    fig.update_layout(title=f"Top {n} tokens by the sum of their {role} row's {metric} scores", height=420,
+                      xaxis=dict(tickangle=-60), yaxis=dict(title="row sum", type="log"))
+    return fig

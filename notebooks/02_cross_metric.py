@@ -1,0 +1,62 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Phase 2 — Do the metrics agree, and how much does each agree with itself?
+#
+# Overlap, Jaccard and Spearman between every pair of metrics' global top-K, and the same top-K computed on
+# other data windows (`stability_seeds`) and on another corpus (`stability_data`). A cross-metric overlap
+# means little without this baseline: two metrics cannot agree more than each agrees with itself.
+
+# %% tags=["parameters"]
+params_file = None  # a params YAML (None: the built-in defaults = the embedded default model)
+output_dir = None  # where tables and JSON go (None: the params' output_dir)
+
+# %%
+from IPython.display import Markdown, display
+
+from critlib import agreement, phases, viz
+
+P = phases.params_from(globals())
+viz.setup()
+ctx = phases.prepare(P)
+out = phases.outdir_of(P)
+p1 = phases.sensitivity(ctx, out, write=False)
+sens = p1.sens
+r2 = phases.cross_metric_phase(ctx, p1, out)
+display(Markdown(f"Top-K: K = {P.topk_global}. Runs compared: " + ", ".join(f"`{r}`" for r in r2["runs"])))
+
+# %% [markdown]
+# ## Metric vs metric
+# Spearman is computed over the union of the two top-K sets, from the scores of both metrics at every
+# weight of the union.
+
+# %%
+viz.agreement_heatmaps(r2["cross"], sens.metrics)
+
+# %%
+import itertools
+
+pairs = {f"{a} vs {b}": agreement.rank_pairs(sens, a, b) for a, b in itertools.combinations(sens.metrics, 2)}
+viz.rank_scatter(pairs) if pairs else Markdown("One metric only: no pairs to compare.")
+
+# %% [markdown]
+# ## Stability: the same metric on other windows and another corpus
+# `magnitude` = |w| does not depend on data, so its top-K is identical across runs (Jaccard 1.0) by
+# construction.
+
+# %%
+viz.stability_bars(r2["stability"])
+
+# %%
+viz.cross_vs_baseline(r2["cross"]) if len(r2["cross"]) else None
+
+# %%
+r2["cross"].round(4)

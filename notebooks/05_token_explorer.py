@@ -1,0 +1,86 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Phase 5 — Token explorer
+#
+# Each token owns one row of the embedding matrix and one of the lm_head (the same row when they are tied).
+# Pick a token to see its rows' scores per dimension, its rank among all tokens by each row's total score,
+# and its top dimensions. The picker needs a live kernel (JupyterLab); the static report shows the same for
+# the top tokens through the figure's menu and the table below. Per-token totals of every token:
+# `token_summary.parquet` / `.csv`.
+
+# %% tags=["parameters"]
+params_file = None  # a params YAML (None: the built-in defaults = the embedded default model)
+output_dir = None  # where tables and JSON go (None: the params' output_dir)
+
+# %%
+from IPython.display import Markdown, display
+
+from critlib import phases, viz
+
+P = phases.params_from(globals())
+viz.setup()
+ctx = phases.prepare(P)
+out = phases.outdir_of(P)
+ts = phases.token_explorer_phase(ctx, out)
+metric, role = ts.metrics[0], next(iter(ts.roles))
+display(Markdown(f"{ts.vocab_size:,} tokens; rows: " + ", ".join(f"{r} = `{n}`" for r, n in ts.roles.items())))
+
+# %% [markdown]
+# ## Live picker (JupyterLab)
+
+# %%
+import ipywidgets as w
+
+from critlib import CritlibError
+
+query = w.Text(value=str(ts.top_tokens(metric, role, 1)[0]), description="token", placeholder="text or id")
+which = w.Dropdown(options=ts.metrics, value=metric, description="metric")
+view = w.Output()
+
+
+def show(*_):
+    view.clear_output()
+    with view:
+        try:
+            tid = ts.find(query.value)
+        except CritlibError as e:
+            print(e)
+            return
+        display(Markdown(f"token **{ts.text(tid)}** (id {tid})"))
+        display(ts.token_card(tid))
+        display(viz.token_rows({ts.text(tid): {(which.value, r): ts.row(which.value, r, tid) for r in ts.roles}},
+                               [which.value], list(ts.roles)))
+        for r in ts.roles:
+            display(Markdown(f"top dimensions of the {r} row ({which.value})"), ts.top_dims(which.value, r, tid, 10))
+
+
+query.on_submit(show)
+which.observe(show, names="value")
+display(w.VBox([w.HBox([query, which]), view]))
+show()
+
+# %% [markdown]
+# ## Static view: the top tokens
+# The top tokens by the total score of their row (first metric of the run); use the menu to switch token.
+
+# %%
+top = ts.top_tokens(metric, role, P.token_explorer_top)
+viz.token_ranks(ts.summary(), metric, role, min(40, ts.vocab_size))
+
+# %%
+viz.token_rows({f"{ts.text(t)} ({t})": {(m, r): ts.row(m, r, t) for m in ts.metrics for r in ts.roles} for t in top},
+               ts.metrics, list(ts.roles))
+
+# %%
+import pandas as pd
+
+pd.concat([ts.token_card(t).assign(token=ts.text(t), token_id=t) for t in top], ignore_index=True)
