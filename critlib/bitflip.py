@@ -32,8 +32,9 @@ def bit_kind(dtype: torch.dtype, bit: int) -> str:
 
 
 def bit_positions(dtype: torch.dtype, spec: list[str | int]) -> list[int]:
-    """Positions named by `spec` items: 'sign', 'exponent' (all exponent bits), 'mantissa' (all), 'mantissa_top'
-    (the highest mantissa bit), 'all', or an integer position. Highest position first, no repeats."""
+    """Positions named by `spec` items: 'sign', 'exponent' (all exponent bits), 'exponent_top' / 'exponent_low'
+    (its highest / lowest bit: ×2^±2^(e−1) / ×2^±1), 'mantissa' (all), 'mantissa_top' (its highest bit), 'all',
+    or an integer position. Highest position first, no repeats."""
     out: set[int] = set()
     for item in spec:
         item = item.strip() if isinstance(item, str) else item
@@ -45,14 +46,18 @@ def bit_positions(dtype: torch.dtype, spec: list[str | int]) -> list[int]:
             out.update(mantissa_bits(dtype))
         elif item == "mantissa_top":
             out.add(mantissa_bits(dtype)[-1])
+        elif item == "exponent_top":
+            out.add(exponent_bits(dtype)[-1])
+        elif item == "exponent_low":
+            out.add(exponent_bits(dtype)[0])
         elif item == "all":
             out.update(range(sign_bit(dtype) + 1))
         else:
             try:
                 pos = int(item)
             except (TypeError, ValueError):
-                raise CritlibError(f"bit {item!r} is not sign, exponent, mantissa, mantissa_top, all or a "
-                                   "position") from None
+                raise CritlibError(f"bit {item!r} is not sign, exponent, exponent_top, exponent_low, mantissa, "
+                                   "mantissa_top, all or a position") from None
             if not 0 <= pos <= sign_bit(dtype):
                 raise CritlibError(f"bit position {pos} does not exist in {dtype}; use 0..{sign_bit(dtype)}")
             out.add(pos)

@@ -26,7 +26,8 @@ def evaluate(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8,
         n += target.numel()
         if reference is not None:
             ref = reference[i].to(device)
-            kl += float((ref.exp() * (ref - logp)).sum())
+            per_token = (ref.exp() * (ref - logp)).sum(-1).clamp_min_(0)  # KL ≥ 0; fp32 rounding is not
+            kl += float(per_token.double().sum())
         if keep_logprobs:
             kept.append(logp.cpu())
     out = {"ppl": math.exp(nll / n) if n else float("nan"), "nll": nll / n if n else float("nan"),

@@ -48,11 +48,11 @@ class Params:
     quant_keep_percents: list[float] = field(default_factory=lambda: [0.0, 0.1, 1.0])
     quant_clip_z: float = 0.0
     quant_include_head: bool = False
-    prune_sparsities: list[float] = field(default_factory=lambda: [0.3, 0.5])
+    prune_sparsities: list[float] = field(default_factory=lambda: [0.5])
     prune_modes: list[str] = field(default_factory=lambda: ["per_layer", "global"])
     prune_protect_k: int = 0
     bitflip_top_n: int = 2
-    bitflip_bits: list[str] = field(default_factory=lambda: ["sign", "exponent"])
+    bitflip_bits: list[str] = field(default_factory=lambda: ["sign", "exponent_top", "exponent_low", "mantissa_top"])
     bitflip_eval_windows: int = 2
     bitflip_break_factor: float = 10.0
     bitflip_cap: int = 256
@@ -147,6 +147,8 @@ class Params:
                 vals = [kind(v) for v in vals]
             except (TypeError, ValueError):
                 raise CritlibError(f"{key}={vals!r} must be a list of numbers") from None
+            if not vals:
+                raise CritlibError(f"{key} is empty; give at least one value")
             bad = [v for v in vals if not lo <= v <= hi]
             if bad:
                 raise CritlibError(f"{key} has {bad}; each value must lie in [{lo}, {hi}]")
@@ -197,7 +199,9 @@ def _coerce(key: str, value):
         value = float(value)
     elif isinstance(default, list):
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            value = [yaml.safe_load(v.strip()) for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
         if not isinstance(value, list):
             raise CritlibError(f"{key} must be a list, got {value!r}")
     elif value is not None and not isinstance(value, str):

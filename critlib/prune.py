@@ -25,7 +25,7 @@ MODES = ("per_layer", "global")
 
 def _keys(s: torch.Tensor) -> torch.Tensor:
     s = s.detach().reshape(-1).float()
-    if bool((s < 0).any()) or bool(torch.isnan(s).any()):
+    if not bool((s >= 0).all()):  # also false for NaN
         raise CritlibError("pruning scores must be ≥ 0 and not NaN; use |score|")
     return (s + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
 
@@ -51,7 +51,7 @@ def lowest(scores: dict[str, torch.Tensor], n: int, order: list[str] | None = No
             k[protect[name].to(k.device)] = 0x7F800001  # above +inf: never pruned
         keys[name] = k
     total = sum(k.numel() for k in keys.values())
-    n_prot = sum(int((k == 0x7F800001).sum()) for k in keys.values())
+    n_prot = sum(int((keys[nm] == 0x7F800001).sum()) for nm in protect if nm in keys) if protect else 0
     if not 0 <= n <= total - n_prot:
         raise CritlibError(f"cannot prune {n} weights: only {total - n_prot} of {total} are prunable "
                            f"({n_prot} protected); lower the sparsity or protect fewer weights")

@@ -14,8 +14,10 @@ def topk_exact(x: torch.Tensor, k: int, offset: int = 0) -> tuple[torch.Tensor, 
     k = min(k, x.numel())
     if k == 0:
         return x.new_empty(0), torch.empty(0, dtype=torch.long, device=x.device)
-    vals = torch.topk(x, k, sorted=False).values
+    vals, idx = torch.topk(x, k, sorted=False)
     kth = vals.min()
+    if int((x == kth).sum()) == int((vals == kth).sum()):  # no tie left out: topk's set is the answer
+        return sort_candidates(vals, idx + offset)
     above = (x > kth).nonzero().flatten()
     ties = (x == kth).nonzero().flatten()[: k - above.numel()]
     idx = torch.cat([above, ties])

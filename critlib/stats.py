@@ -29,6 +29,16 @@ def _value(bits: int) -> float:
     return float(np.array([bits], dtype=np.int32).view(np.float32)[0])
 
 
+def summarize(x: torch.Tensor, hi: torch.Tensor) -> tuple:
+    """(count, mean, M2, min, max, bin counts, bin sums) of one non-empty chunk, computed once however many
+    groups it feeds."""
+    x64 = x.double()
+    mean_b = float(x64.mean())
+    m2_b = float((x64 - mean_b).square_().sum())
+    return (x.numel(), mean_b, m2_b, float(x.min()), float(x.max()),
+            torch.bincount(hi, minlength=N_BINS).cpu(), torch.bincount(hi, weights=x64, minlength=N_BINS).cpu())
+
+
 @dataclass
 class Group:
     """Running statistics of one set of scores (the whole model, a layer or a component)."""
@@ -42,21 +52,21 @@ class Group:
     fine: dict[int, torch.Tensor] = field(default_factory=dict)  # pass 2: hi bin -> low-16-bit counts
 
     def add(self, x: torch.Tensor, hi: torch.Tensor) -> None:
-        n = x.numel()
-        if n == 0:
-            return
-        x64 = x.double()
-        mean_b = float(x64.mean())
-        m2_b = float(((x64 - mean_b) ** 2).sum())
+        if x.numel():
+            self.merge(*summarize(x, hi))
+
+    def merge(self, n: int, mean_b: float, m2_b: float, lo: float, hi_v: float, hist_count: torch.Tensor,
+              hist_sum: torch.Tensor) -> None:
+        """Fold in the `summarize` of a non-empty chunk (Chan's parallel update of mean and M2)."""
         delta = mean_b - self.mean
         total = self.count + n
         self.mean += delta * n / total
         self.m2 += m2_b + delta * delta * self.count * n / total
         self.count = total
-        self.min = min(self.min, float(x.min()))
-        self.max = max(self.max, float(x.max()))
-        self.hist_count += torch.bincount(hi, minlength=N_BINS).cpu()
-        self.hist_sum += torch.bincount(hi, weights=x64, minlength=N_BINS).cpu()
+        self.min = min(self.min, lo)
+        self.max = max(self.max, hi_v)
+        self.hist_count += hist_count
+        self.hist_sum += hist_sum
 
     def wanted_ranks(self) -> list[int]:
         n = self.count
@@ -158,8 +168,10 @@ class Stats:
             bits = _bits(chunk)
             hi = (bits >> 16).long()
             if self._wanted is None:
-                for g in groups:
-                    self.groups.setdefault(g, Group()).add(chunk, hi)
+                if chunk.numel():
+                    part = summarize(chunk, hi)
+                    for g in groups:
+                        self.groups.setdefault(g, Group()).merge(*part)
             else:
                 self._refine(groups, bits, hi)
 

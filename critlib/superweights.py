@@ -197,7 +197,7 @@ def _random_same_tensor(model, counts: dict[str, int], exclude: set, seed: int) 
 
 
 def validate_super_weights(model: torch.nn.Module, found: list[SuperWeight], heldout_windows: torch.Tensor,
-                           n_random: int = 5, seed: int = 0, generate_prompt_ids=None, tokenizer=None,
+                           n_random: int = 3, seed: int = 0, generate_prompt_ids=None, tokenizer=None,
                            batch_size: int = 8, max_new_tokens: int = 20) -> dict:
     """Held-out effect of zeroing each super weight alone, all jointly, all but one (leave-one-out), and
     the same for random weights of the same tensors (`n_random` draws); greedy text before/after zeroing
@@ -272,7 +272,7 @@ def rank_in_phase1(records: list[dict], sens) -> list[dict]:
             for rec in records]
 
 
-def run_super_weights(ctx, sens=None, threshold: float = THRESHOLD, max_iters: int = 10, n_random: int = 5,
+def run_super_weights(ctx, sens=None, threshold: float = THRESHOLD, max_iters: int = 10, n_random: int = 3,
                       max_new_tokens: int = 20) -> dict:
     """Detection + validation on a pipeline Context, ready for superweights.json."""
     model, tok = ctx.loaded.model, ctx.loaded.tokenizer

@@ -19,8 +19,8 @@
 # `make run` or `critlib run -p params/X.yaml`.
 
 # %% tags=["parameters"]
-params_file = None  # a params YAML (None: the built-in defaults = the embedded default model)
-output_dir = None  # where tables and JSON go (None: the params' output_dir)
+params_file = None  # params YAML; None: built-in defaults, the embedded default model
+output_dir = None  # folder for tables and JSON; None: the output_dir of the params
 
 # %%
 from IPython.display import Markdown, display

@@ -16,8 +16,8 @@
 # means little without this baseline: two metrics cannot agree more than each agrees with itself.
 
 # %% tags=["parameters"]
-params_file = None  # a params YAML (None: the built-in defaults = the embedded default model)
-output_dir = None  # where tables and JSON go (None: the params' output_dir)
+params_file = None  # params YAML; None: built-in defaults, the embedded default model
+output_dir = None  # folder for tables and JSON; None: the output_dir of the params
 
 # %%
 from IPython.display import Markdown, display

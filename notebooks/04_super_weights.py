@@ -17,8 +17,8 @@
 # weight's rank in Phase 1's global top-K of every metric.
 
 # %% tags=["parameters"]
-params_file = None  # a params YAML (None: the built-in defaults = the embedded default model)
-output_dir = None  # where tables and JSON go (None: the params' output_dir)
+params_file = None  # params YAML; None: built-in defaults, the embedded default model
+output_dir = None  # folder for tables and JSON; None: the output_dir of the params
 
 # %%
 import pandas as pd

@@ -18,8 +18,8 @@
 # `token_summary.parquet` / `.csv`.
 
 # %% tags=["parameters"]
-params_file = None  # a params YAML (None: the built-in defaults = the embedded default model)
-output_dir = None  # where tables and JSON go (None: the params' output_dir)
+params_file = None  # params YAML; None: built-in defaults, the embedded default model
+output_dir = None  # folder for tables and JSON; None: the output_dir of the params
 
 # %%
 from IPython.display import Markdown, display
@@ -42,31 +42,34 @@ import ipywidgets as w
 
 from critlib import CritlibError
 
-query = w.Text(value=str(ts.top_tokens(metric, role, 1)[0]), description="token", placeholder="text or id")
+query = w.Text(value=str(ts.top_tokens(metric, role, 1)[0]), description="token", placeholder="text or id",
+               continuous_update=False)
 which = w.Dropdown(options=ts.metrics, value=metric, description="metric")
 view = w.Output()
+
+
+def card(text, m):
+    try:
+        tid = ts.find(text)
+    except CritlibError as e:
+        return [Markdown(str(e))]
+    rows = viz.token_rows({ts.text(tid): {(m, r): ts.row(m, r, tid) for r in ts.roles}}, [m], list(ts.roles))
+    return ([Markdown(f"token **{ts.text(tid)}** (id {tid})"), ts.token_card(tid), rows]
+            + [x for r in ts.roles for x in (Markdown(f"top dimensions of the {r} row ({m})"),
+                                             ts.top_dims(m, r, tid, 10))])
 
 
 def show(*_):
     view.clear_output()
     with view:
-        try:
-            tid = ts.find(query.value)
-        except CritlibError as e:
-            print(e)
-            return
-        display(Markdown(f"token **{ts.text(tid)}** (id {tid})"))
-        display(ts.token_card(tid))
-        display(viz.token_rows({ts.text(tid): {(which.value, r): ts.row(which.value, r, tid) for r in ts.roles}},
-                               [which.value], list(ts.roles)))
-        for r in ts.roles:
-            display(Markdown(f"top dimensions of the {r} row ({which.value})"), ts.top_dims(which.value, r, tid, 10))
+        display(*card(query.value, which.value))
 
 
-query.on_submit(show)
+query.observe(show, names="value")
 which.observe(show, names="value")
+for item in card(query.value, which.value):
+    view.append_display_data(item)
 display(w.VBox([w.HBox([query, which]), view]))
-show()
 
 # %% [markdown]
 # ## Static view: the top tokens

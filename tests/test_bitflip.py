@@ -20,6 +20,7 @@ def test_bit_positions_and_kinds():
     assert bit_positions(torch.bfloat16, ["sign", "mantissa_top"]) == [15, 6]
     assert bit_positions(torch.float16, ["all"]) == list(range(15, -1, -1))
     assert bit_positions(torch.float32, ["3", 3]) == [3]
+    assert bit_positions(torch.float32, ["exponent_low", "exponent_top", "mantissa_top"]) == [30, 23, 22]
     assert [bit_kind(torch.bfloat16, b) for b in (15, 14, 7, 6)] == ["sign", "exponent", "exponent", "mantissa"]
     with pytest.raises(CritlibError):
         bit_positions(torch.float16, [16])

@@ -100,7 +100,7 @@ def test_cli_under_torchrun_matches_one_process(tmp_path):
     from critlib.params import load_params
     from critlib.pipeline import score
     sets = ["model=tiny-llama", "data=random", "seq_len=12", "n_sequences=4", "n_heldout=2", "batch_size=2",
-            "topk_global=30", "topk_per_layer=5", "device=cpu"]
+            "topk_global=30", "topk_per_layer=5", "device=cpu", "perturb_ks=[1]"]
     ref = score(load_params(None, sets), tmp_path / "one", progress=False)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
