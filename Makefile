@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run score test test-fast clean
+.PHONY: setup run report score browser test test-fast clean
 
 setup: $(STAMP)
 
@@ -27,9 +27,21 @@ $(STAMP): pyproject.toml
 score: setup
 	$(VENV)/bin/critlib score -p $(PARAMS)
 
-run: score
+# every phase's notebook -> outputs/<run>/ (executed notebooks, their HTML, index.html); `report` for PARAMS=...
+run: setup
+	$(VENV)/bin/critlib run -p params/default.yaml
 
-test: setup
+report: setup
+	$(VENV)/bin/critlib run -p $(PARAMS)
+
+# headless Chromium for tests/test_browser.py (Debian package `chromium`), installed when missing and we are root
+browser:
+	@if [ -x /usr/bin/chromium ] || command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else echo "make browser: chromium is missing and cannot be installed here (not root or no apt-get); the browser test will skip, or fail under CI=true"; fi
+
+test: setup browser
 	$(PY) -m pytest -q
 
 test-fast: setup

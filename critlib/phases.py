@@ -83,8 +83,10 @@ def params_from(namespace: dict) -> Params:
     return load_params(namespace.get("params_file"), overrides)
 
 
-def outdir_of(params: Params) -> Path:
-    out = Path(params.output_dir)
+def outdir_of(params: Params, namespace: dict | None = None) -> Path:
+    """Where a notebook writes: its `write_dir` variable when set (critlib run's staging folder, moved to
+    output_dir when every phase succeeded), else the params' output_dir."""
+    out = Path((namespace or {}).get("write_dir") or params.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -241,7 +243,8 @@ def cross_metric_phase(ctx: Context, p1: Phase1, outdir: str | Path, progress: b
     write_table(outdir / "cross_metric", table)
     write_table(outdir / "stability", stab)
     write_json(outdir / "manifest_02_cross_metric.json", manifest(ctx, {"phase": "02_cross_metric",
-                                                                         "runs": list(runs)}))
+                                                                         "runs": list(runs),
+                                                                         "phase1_from_cache": p1.from_cache}))
     items = []
     if len(table):
         items.append((f"mean Jaccard between metrics (top-{k})", round(float(table["jaccard"].mean()), 4)))
@@ -267,7 +270,8 @@ def perturbation_phase(ctx: Context, p1: Phase1, outdir: str | Path, progress: b
     write_table(outdir / "perturbation_summary", summary)
     baseline = df.attrs.get("baseline", {})
     write_json(outdir / "manifest_03_perturbation.json", manifest(ctx, {"phase": "03_perturbation",
-                                                                         "baseline": baseline}))
+                                                                         "baseline": baseline,
+                                                                         "phase1_from_cache": p1.from_cache}))
     write_headline(outdir, "03_perturbation", perturbation_headline(summary))
     return {"raw": df, "summary": summary, "baseline": baseline}
 
@@ -295,7 +299,8 @@ def super_weights_phase(ctx: Context, p1: Phase1 | None, outdir: str | Path) -> 
     with ctx.timer.stage("super_weights"):
         result = run_super_weights(ctx, p1.sens if p1 is not None else None)
     write_json(outdir / "superweights.json", result)
-    write_json(outdir / "manifest_04_super_weights.json", manifest(ctx, {"phase": "04_super_weights"}))
+    write_json(outdir / "manifest_04_super_weights.json", manifest(ctx, {"phase": "04_super_weights",
+                                                                          "phase1_from_cache": getattr(p1, "from_cache", None)}))
     sw = result.get("super_weights", [])
     items: list[tuple[str, object]] = [("super weights found", len(sw))]
     for r in sw[:4]:

@@ -169,7 +169,7 @@ def run_report(params_file: str | Path | None = None, overrides: list[str] | dic
     try:
         if (outdir / "cache").is_dir():  # lets `--phases 3` reuse the Phase 1 scores of the last run
             shutil.copytree(outdir / "cache", staging / "cache", copy_function=_link_or_copy)
-        params.output_dir = str(staging)
+        params.output_dir = str(outdir)
         resolved = staging / "params.yaml"
         with atomic_path(resolved) as tmp:
             tmp.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
@@ -184,7 +184,7 @@ def run_report(params_file: str | Path | None = None, overrides: list[str] | dic
                     print(f"critlib: phase {p.number} ({p.key})", file=sys.stderr, flush=True)
                 try:
                     execute(notebook_path(p, nb_dir), nb_out, {"params_file": str(resolved),
-                                                              "output_dir": str(staging)},
+                                                              "write_dir": str(staging)},
                             kernel, Path.cwd(), progress)
                 except Exception as e:
                     if type(e).__name__ != "PapermillExecutionError":
@@ -200,9 +200,6 @@ def run_report(params_file: str | Path | None = None, overrides: list[str] | dic
         for key, info in (previous or {}).get("phases", {}).items():
             if key not in record["phases"] and (outdir / f"{key}.html").is_file():
                 record["phases"][key] = dict(info, from_earlier_run=True)
-        params.output_dir = str(outdir)
-        with atomic_path(resolved) as tmp:
-            tmp.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
         write_json(staging / "run.json", record)
         headlines = read_headlines(outdir)
         headlines.update(read_headlines(staging))
@@ -270,6 +267,7 @@ def write_index(path: Path, params: Params, record: dict, headlines: dict[str, l
              ("seed", params.seed), ("params file", record.get("params_file") or "(built-in defaults)"),
              ("overrides", ", ".join(map(str, record.get("overrides") or [])) or "none"),
              ("started / finished", f"{record.get('started')} / {record.get('finished')}"),
+             ("notebook time", f"{sum(i['seconds'] for i in record['phases'].values() if not i.get('from_earlier_run')):.0f} s"),
              ("critlib", record.get("critlib_version"))]
     ident_html = "".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in ident)
     page = f"""<!DOCTYPE html>
@@ -280,6 +278,8 @@ table {{ border-collapse: collapse; width: 100%; margin-bottom: 1.5em; }}
 td, th {{ border-bottom: 1px solid #ddd; padding: 6px 8px; vertical-align: top; text-align: left; }}
 th {{ width: 220px; color: #555; font-weight: normal; }}
 .s {{ color: #666; font-size: 13px; }} ul {{ margin: 0; padding-left: 1.1em; }}
+table.phases th, table.phases td {{ width: auto; }} table.phases td:nth-child(2) {{ width: 30%; }}
+table.phases td:nth-child(5) {{ width: 45%; }}
 </style></head><body>
 <h1>critlib report</h1>
 <table>{ident_html}</table>

@@ -55,7 +55,8 @@ def colors(names) -> dict[str, str]:
 def bin_edges() -> np.ndarray:
     """The lower edge (smallest float32 value) of each of the N_BINS high-16-bit bins, as float64."""
     bits = (np.arange(N_BINS, dtype=np.int64) << 16).astype(np.uint32)
-    return bits.view(np.float32).astype(np.float64)
+    with np.errstate(invalid="ignore"):  # the NaN bit patterns of the top bins
+        return bits.view(np.float32).astype(np.float64)
 
 
 def _value_of_bin(b: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@
 # %% tags=["parameters"]
 params_file = None  # params YAML; None: built-in defaults, the embedded default model
 output_dir = None  # folder for tables and JSON; None: the output_dir of the params
+write_dir = None  # where files are written; None: output_dir (critlib run writes to a staging folder)
 
 # %%
 from IPython.display import Markdown, display
@@ -30,13 +31,13 @@ from critlib import phases, viz
 P = phases.params_from(globals())
 viz.setup()
 ctx = phases.prepare(P)
-out = phases.outdir_of(P)
+out = phases.outdir_of(P, globals())
 p1 = phases.sensitivity(ctx, out)
 sens = p1.sens
 display(Markdown(f"**Model** `{P.model}` ({ctx.loaded.info.get('n_params', 0):,} parameters, {P.dtype}), "
                  f"**data** `{P.data}`: {len(ctx.windows.score)} scoring + {len(ctx.windows.heldout)} held-out "
                  f"windows of {P.seq_len} tokens. Held-out perplexity "
-                 f"{p1.heldout.get('ppl', float('nan')):.4g}. Output: `{out}`"
+                 f"{p1.heldout.get('ppl', float('nan')):.4g}."
                  + (" (Phase 1 scores from this run's cache)" if p1.from_cache else "")))
 
 # %% [markdown]

@@ -18,6 +18,7 @@
 # %% tags=["parameters"]
 params_file = None  # params YAML; None: built-in defaults, the embedded default model
 output_dir = None  # folder for tables and JSON; None: the output_dir of the params
+write_dir = None  # where files are written; None: output_dir (critlib run writes to a staging folder)
 
 # %%
 from IPython.display import Markdown, display
@@ -27,7 +28,7 @@ from critlib import agreement, phases, viz
 P = phases.params_from(globals())
 viz.setup()
 ctx = phases.prepare(P)
-out = phases.outdir_of(P)
+out = phases.outdir_of(P, globals())
 p1 = phases.sensitivity(ctx, out, write=False)
 sens = p1.sens
 r2 = phases.cross_metric_phase(ctx, p1, out)

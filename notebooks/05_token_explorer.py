@@ -20,6 +20,7 @@
 # %% tags=["parameters"]
 params_file = None  # params YAML; None: built-in defaults, the embedded default model
 output_dir = None  # folder for tables and JSON; None: the output_dir of the params
+write_dir = None  # where files are written; None: output_dir (critlib run writes to a staging folder)
 
 # %%
 from IPython.display import Markdown, display
@@ -29,7 +30,7 @@ from critlib import phases, viz
 P = phases.params_from(globals())
 viz.setup()
 ctx = phases.prepare(P)
-out = phases.outdir_of(P)
+out = phases.outdir_of(P, globals())
 ts = phases.token_explorer_phase(ctx, out)
 metric, role = ts.metrics[0], next(iter(ts.roles))
 display(Markdown(f"{ts.vocab_size:,} tokens; rows: " + ", ".join(f"{r} = `{n}`" for r, n in ts.roles.items())))
@@ -42,8 +43,7 @@ import ipywidgets as w
 
 from critlib import CritlibError
 
-query = w.Text(value=str(ts.top_tokens(metric, role, 1)[0]), description="token", placeholder="text or id",
-               continuous_update=False)
+query = w.Text(value="", description="token", placeholder="text or id", continuous_update=False)
 which = w.Dropdown(options=ts.metrics, value=metric, description="metric")
 view = w.Output()
 
@@ -67,9 +67,8 @@ def show(*_):
 
 query.observe(show, names="value")
 which.observe(show, names="value")
-for item in card(query.value, which.value):
-    view.append_display_data(item)
-display(w.VBox([w.HBox([query, which]), view]))
+hint = w.Label("type a token (its text or id) and press Enter, or change the metric")
+display(w.VBox([w.HBox([query, which]), hint, view]))
 
 # %% [markdown]
 # ## Static view: the top tokens

@@ -31,3 +31,30 @@ def tiny_llama():
 def windows():
     gen = torch.Generator().manual_seed(1)
     return torch.randint(0, 96, (4, 12), generator=gen)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_report_params() -> dict:
+    """Overrides that make params/tiny.yaml quicker still, with absolute paths (tests may run from anywhere)."""
+    return {"model": f"synthetic:{REPO}/params/tiny-model.json", "perturb_ks": [1, 10], "n_heldout": 2,
+            "n_random_draws": 2}
+
+
+@pytest.fixture(scope="session")
+def tiny_report(tmp_path_factory):
+    """Every phase's notebook executed once on params/tiny.yaml by `critlib run` (shared by the report,
+    notebook and browser tests). Kernels use one thread: tiny tensors gain nothing from more."""
+    from critlib.report import run_report
+    out = tmp_path_factory.mktemp("report") / "tiny"
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        run_report(os.path.join(REPO, "params", "tiny.yaml"), tiny_report_params(), out, progress=False)
+    finally:
+        if old is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+    return out

@@ -1,0 +1,89 @@
+"""The notebooks: committed clean (no outputs, a tagged `parameters` cell, paired with their jupytext .py),
+and every one executes on params/tiny.yaml and writes what its phase promises."""
+
+import json
+from pathlib import Path
+
+import jupytext
+import nbformat
+import pandas as pd
+import pytest
+
+from critlib import experiments
+from critlib.params import valid_keys
+from critlib.phases import PHASES
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOK_PARAMS = {"params_file", "output_dir", "write_dir"}
+
+
+def _notebooks():
+    return sorted(NOTEBOOKS.glob("*.ipynb"))
+
+
+def test_every_phase_has_a_notebook():
+    assert {p.key for p in PHASES} <= {f.stem for f in _notebooks()}
+
+
+@pytest.mark.parametrize("path", _notebooks(), ids=lambda p: p.stem)
+def test_committed_without_outputs_and_with_parameters_cell(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code, "a notebook without code"
+    for c in code:
+        assert c.outputs == [], f"{path.name}: a cell has outputs; clear them before committing"
+        assert c.execution_count is None, f"{path.name}: a cell has an execution count; clear outputs"
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{path.name}: needs exactly one cell tagged 'parameters'"
+    names = {line.split("=")[0].strip() for line in tagged[0].source.splitlines()
+             if "=" in line and not line.lstrip().startswith("#")}
+    assert NOTEBOOK_PARAMS <= names and names <= NOTEBOOK_PARAMS | set(valid_keys())
+    assert nb.cells.index(tagged[0]) < nb.cells.index(code[1]), "the parameters cell must come first"
+    assert nb.metadata.kernelspec.name == "python3"
+    assert "widgets" not in nb.metadata
+
+
+@pytest.mark.parametrize("path", _notebooks(), ids=lambda p: p.stem)
+def test_paired_script_matches(path):
+    script = path.with_suffix(".py")
+    assert script.is_file(), f"{script.name} missing: run `jupytext --sync {path}`"
+    a = jupytext.read(path)
+    b = jupytext.read(script)
+    assert [(c.cell_type, c.source) for c in a.cells] == [(c.cell_type, c.source) for c in b.cells], \
+        f"{path.name} and {script.name} differ: run `jupytext --sync notebooks/*.ipynb`"
+
+
+def test_executed_notebooks_ran_every_cell(tiny_report):
+    for p in PHASES:
+        nb = nbformat.read(tiny_report / f"{p.key}.ipynb", as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert all(c.execution_count is not None for c in code), p.key
+        assert not [o for c in code for o in c.outputs if o.output_type == "error"], p.key
+        injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+        assert len(injected) == 1 and "write_dir" in injected[0].source
+
+
+def test_phase_outputs(tiny_report):
+    top = pd.read_parquet(tiny_report / "top_weights.parquet")
+    assert set(top["metric"]) == {"grad_x_weight", "grad_squared", "fisher", "magnitude", "wanda"}
+    assert pd.read_csv(tiny_report / "top_weights.csv").shape[0] == len(top)
+    stab = pd.read_parquet(tiny_report / "stability.parquet")
+    assert set(stab["comparison"]) == {"seed", "corpus"}
+    assert (stab[stab["metric"] == "magnitude"]["jaccard"] == 1.0).all()
+    pert = pd.read_parquet(tiny_report / "perturbation.parquet")
+    assert list(pert.columns) == experiments.COLUMNS
+    assert pd.read_csv(tiny_report / "perturbation.csv").shape == pert.shape
+    assert set(pert["k"]) == {1, 10}
+    methods = {(m if a is None or pd.isna(a) else f"{m}:{a}") for m, a in zip(pert["method"], pert["method_arg"])}
+    assert methods == {"zero", "sign_flip", "scale:10", "noise:1", "mean", "bitflip:sign"}
+    sw = json.loads((tiny_report / "superweights.json").read_text())
+    assert "super_weights" in sw and "generation" in sw
+    tok = pd.read_parquet(tiny_report / "token_summary.parquet")
+    assert len(tok) == 49152 and tok["token_id"].tolist() == list(range(49152))
+    for p in PHASES:
+        assert (tiny_report / "headlines" / f"{p.key}.json").is_file()
+    for key in ("02_cross_metric", "03_perturbation", "04_super_weights"):
+        m = json.loads((tiny_report / f"manifest_{key}.json").read_text())
+        assert m["phase1_from_cache"] is True, f"{key} rescored Phase 1 instead of using the run's cache"
+        assert m["params"]["output_dir"] == str(tiny_report)

@@ -1,0 +1,127 @@
+"""`critlib run`: the report folder, offline HTML with plotly.js embedded exactly once, headline numbers
+that match the files, phase selection, and a failing cell that leaves the previous report intact."""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+from critlib import CritlibError, cli
+from critlib.phases import PHASES, read_headlines, select
+from critlib.report import interpreter_kernel, plotlyjs
+from tests.conftest import REPO, tiny_report_params
+
+TINY = os.path.join(REPO, "params", "tiny.yaml")
+
+
+def _digest(folder: Path) -> dict:
+    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def _figures_in(nb_path: Path) -> int:
+    nb = nbformat.read(nb_path, as_version=4)
+    return sum(1 for c in nb.cells if c.cell_type == "code" for o in c.outputs
+               if "application/vnd.plotly.v1+json" in o.get("data", {}))
+
+
+def test_select_phases():
+    assert [p.number for p in select("3,1")] == [1, 3]
+    assert [p.key for p in select(["02_cross_metric"])] == ["02_cross_metric"]
+    assert select(None) == list(PHASES)
+    with pytest.raises(CritlibError, match="unknown phase '9'"):
+        select("1,9")
+
+
+def test_interpreter_kernel_runs_this_python():
+    old = os.environ.get("JUPYTER_PATH")
+    with interpreter_kernel() as name:
+        from jupyter_client.kernelspec import KernelSpecManager
+        spec = KernelSpecManager().get_kernel_spec(name)
+        assert spec.argv[0] == sys.executable
+    assert os.environ.get("JUPYTER_PATH") == old
+
+
+def test_report_folder(tiny_report):
+    for p in PHASES:
+        for ext in (".ipynb", ".html"):
+            assert (tiny_report / f"{p.key}{ext}").is_file()
+    assert not list(tiny_report.parent.glob(".tiny.staging-*")), "staging folder left behind"
+    run = json.loads((tiny_report / "run.json").read_text())
+    assert set(run["phases"]) == {p.key for p in PHASES}
+    index = (tiny_report / "index.html").read_text()
+    for p in PHASES:
+        assert f'href="{p.key}.html"' in index and f'href="{p.key}.ipynb"' in index
+
+
+def test_html_is_offline_with_plotlyjs_once(tiny_report):
+    bundle_head = plotlyjs()[:300]
+    for p in PHASES:
+        page = (tiny_report / f"{p.key}.html").read_text()
+        assert page.count(bundle_head) == 1, f"{p.key}: plotly.js must be embedded exactly once"
+        assert not re.search(r"<script[^>]*\bsrc=", page), f"{p.key}: an external script"
+        assert "cdn.jsdelivr.net/npm/@jupyter-widgets" not in page and "require.min.js" not in page
+        assert page.count("Plotly.newPlot(") == _figures_in(tiny_report / f"{p.key}.ipynb") > 0
+    index = (tiny_report / "index.html").read_text()
+    assert "<script" not in index
+
+
+def test_headlines_match_the_files(tiny_report):
+    h = {k: {i["label"]: i["value"] for i in v} for k, v in read_headlines(tiny_report).items()}
+    stats = json.loads((tiny_report / "sensitivity_stats.json").read_text())
+    assert h["01_sensitivity"]["held-out perplexity"] == pytest.approx(stats["heldout"]["ppl"], rel=1e-4)
+    g = stats["metrics"]["magnitude"]["global"]
+    assert h["01_sensitivity"]["magnitude: max / mean"] == pytest.approx(g["max_over_mean"])
+    cross = pd.read_csv(tiny_report / "cross_metric.csv")
+    k = int(cross["k"].iloc[0])
+    assert h["02_cross_metric"][f"mean Jaccard between metrics (top-{k})"] == pytest.approx(cross["jaccard"].mean(), abs=1e-4)
+    summ = pd.read_parquet(tiny_report / "perturbation_summary.parquet")
+    at = summ[(summ["method"] == "zero") & (summ["k"] == summ["k"].max()) & (summ["selector"] == "random")]
+    assert h["03_perturbation"][f"ppl ratio, zero top-{summ['k'].max()} of random"] == \
+        pytest.approx(at["ppl_ratio_mean"].iloc[0], abs=1e-4)
+    sw = json.loads((tiny_report / "superweights.json").read_text())
+    assert h["04_super_weights"]["super weights found"] == len(sw["super_weights"])
+    index = (tiny_report / "index.html").read_text()
+    assert "held-out perplexity" in index and "super weights found" in index
+
+
+def test_failing_cell_exits_nonzero_and_keeps_the_previous_report(tiny_report, capsys):
+    before = _digest(tiny_report)
+    rc = cli.main(["run", "-p", TINY, "-o", str(tiny_report), "--phases", "1", "-q",
+                   "--set", f"model=synthetic:{REPO}/params/tiny-model.json", "--set", "data=/nonexistent/corpus.txt"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0
+    assert len(err) == 1 and err[0].startswith("critlib: error: notebook 01_sensitivity failed: CritlibError")
+    assert "/nonexistent/corpus.txt" in err[0]
+    failed = tiny_report.parent / "tiny.failed"
+    assert str(failed / "01_sensitivity.ipynb") in err[0] and (failed / "01_sensitivity.ipynb").is_file()
+    assert _digest(tiny_report) == before, "the previous report was changed"
+    shutil.rmtree(failed)
+
+
+def test_rerun_one_phase_keeps_the_others(tiny_report, tmp_path):
+    out = tmp_path / "again"
+    shutil.copytree(tiny_report, out)
+    before = _digest(out)
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        from critlib.report import run_report
+        run_report(TINY, tiny_report_params(), out, phases="2", progress=False)
+    finally:
+        os.environ.pop("OMP_NUM_THREADS") if old is None else os.environ.__setitem__("OMP_NUM_THREADS", old)
+    after = _digest(out)
+    assert after["01_sensitivity.html"] == before["01_sensitivity.html"]
+    assert after["02_cross_metric.html"] != before["02_cross_metric.html"]
+    assert json.loads((out / "manifest_02_cross_metric.json").read_text())["phase1_from_cache"] is True
+    run = json.loads((out / "run.json").read_text())
+    assert run["phases"]["01_sensitivity"].get("from_earlier_run") is True
+    assert "from_earlier_run" not in run["phases"]["02_cross_metric"]
+    assert "(earlier run)" in (out / "index.html").read_text()

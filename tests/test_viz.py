@@ -1,0 +1,126 @@
+"""Histogram arithmetic behind the heavy-tail plots against numpy on the raw scores, and the figures'
+structure (every figure function returns a drawable go.Figure)."""
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from critlib import viz
+from critlib.sensitivity import analyze
+from critlib.stats import Stats
+from tests.conftest import tiny
+
+
+def _scores(n=20000, seed=0):
+    rng = np.random.default_rng(seed)
+    x = np.exp(rng.normal(-6, 4, n)).astype(np.float32)
+    x[:37] = 0.0
+    x[37:40] = np.float32(1e-42)  # subnormal
+    return x
+
+
+def _counts(x):
+    s = Stats(chunk_size=4096)
+    s.add(["global"], torch.from_numpy(x))
+    return s.groups["global"].hist_count.numpy()
+
+
+def test_bin_edges_are_the_float32_values_of_the_bit_patterns():
+    edges = viz.bin_edges()
+    assert edges[0] == 0.0
+    b = 127 << 7  # exponent 127, mantissa 0 -> 1.0
+    assert edges[b] == 1.0 and edges[b + 1] == np.float32(1 + 2 ** -7)
+    assert np.all(np.diff(edges[:viz.FIRST_NONFINITE]) > 0)
+
+
+@pytest.mark.parametrize("per_octave", [1, 4, 128])
+def test_log_histogram_counts_equal_brute_force(per_octave):
+    x = _scores()
+    df, extra = viz.log_histogram(_counts(x), per_octave)
+    for lo, hi, c in zip(df["lo"], df["hi"], df["count"]):
+        assert c == np.count_nonzero((x >= lo) & (x < hi))
+    assert extra["zero_or_subnormal"] == np.count_nonzero(x < np.finfo(np.float32).tiny)
+    assert extra["total"] == len(x) and extra["nonfinite"] == 0
+    assert df["count"].sum() + extra["zero_or_subnormal"] == len(x)
+    assert np.allclose(df["per_octave"], df["count"] / np.log2(df["hi"] / df["lo"]))
+    if per_octave == 1:
+        assert np.allclose(df["hi"] / df["lo"], 2.0)
+
+
+def test_log_histogram_rejects_bad_resolution():
+    with pytest.raises(ValueError):
+        viz.log_histogram(np.zeros(viz.N_BINS, dtype=np.int64), 3)
+
+
+def test_ccdf_is_exact_at_its_points():
+    x = _scores(seed=1)
+    df = viz.ccdf(_counts(x), max_points=None)
+    for xv, n, p in zip(df["x"], df["n_at_or_above"], df["p"]):
+        assert n == np.count_nonzero(x >= xv)
+        assert p == pytest.approx(n / len(x))
+    assert np.all(np.diff(df["p"]) < 0)
+    thin = viz.ccdf(_counts(x), max_points=50)
+    assert len(thin) == 50 and thin["x"].iloc[0] == df["x"].iloc[0] and thin["x"].iloc[-1] == df["x"].iloc[-1]
+
+
+@pytest.fixture(scope="module")
+def sens():
+    gen = torch.Generator().manual_seed(3)
+    windows = torch.randint(0, 96, (4, 12), generator=gen)
+    return analyze(tiny("tiny-qwen2"), windows, ["grad_x_weight", "magnitude", "wanda"], topk_global=40,
+                   topk_per_layer=5, batch_size=2, progress=False)
+
+
+def test_sensitivity_hist_and_cells_cover_every_weight(sens):
+    model = tiny("tiny-qwen2")
+    total = sum(p.numel() for p in model.parameters())
+    w = torch.cat([p.detach().abs().reshape(-1) for p in model.parameters()]).numpy()
+    assert int(sens.hist["magnitude"][0].sum()) == total
+    assert np.array_equal(sens.hist["magnitude"][0].numpy(), _counts(w))
+    cells = viz.cells_frame(sens)
+    for m in sens.metrics:
+        sub = cells[cells["metric"] == m]
+        assert sub["n_weights"].sum() == total
+        assert sub["score_share"].sum() == pytest.approx(1.0)
+        assert sub["topk"].sum() == 40
+    mag = cells[cells["metric"] == "magnitude"]
+    by_param = {n: float(p.detach().double().abs().sum()) for n, p in model.named_parameters()}
+    row = mag[(mag["layer"] == 1) & (mag["component"] == "attn_q")].iloc[0]
+    assert row["score_sum"] == pytest.approx(sum(v for n, v in by_param.items() if "layers.1.self_attn.q_proj" in n))
+
+
+def test_figures_are_figures(sens):
+    hists = {m: sens.hist[m][0].numpy() for m in sens.metrics}
+    cells = viz.cells_frame(sens)
+    figs = [viz.score_histogram(hists), viz.score_ccdf(hists), viz.layer_component_heatmap(cells),
+            viz.layer_component_heatmap(cells, "topk"), viz.per_layer(cells)]
+    for f in figs:
+        assert isinstance(f, go.Figure) and len(f.data) > 0
+    heat = figs[2]
+    assert [t.visible for t in heat.data] == [True] + [False] * (len(sens.metrics) - 1)
+    assert len(heat.layout.updatemenus[0].buttons) == len(sens.metrics)
+
+
+def test_dose_response_figure_has_one_panel_per_method():
+    rows = []
+    for method, arg in (("zero", None), ("scale", "10")):
+        for sel, draws in (("top:m", 1), ("random", 3)):
+            for k in (1, 10):
+                rows.append(dict(selector=sel, metric="m" if sel == "top:m" else None, method=method, method_arg=arg,
+                                 k=k, ppl_ratio_mean=1 + k, ppl_ratio_std=0.1 if draws > 1 else np.nan,
+                                 n_changed_mean=k, n_draws=draws))
+    fig = viz.dose_response(pd.DataFrame(rows))
+    assert [a.text for a in fig.layout.annotations] == ["zero", "scale:10"]
+    bands = [t for t in fig.data if t.fill == "toself"]
+    assert len(bands) == 2  # random, once per panel
+
+
+def test_renderer_bundle_has_plotly_mimetype_and_html_without_plotlyjs():
+    viz.setup()
+    import plotly.io as pio
+    bundle = pio.renderers["critlib"].to_mimebundle(go.Figure(go.Bar(y=[1, 2])).to_dict())
+    assert "application/vnd.plotly.v1+json" in bundle
+    html = bundle["text/html"]
+    assert "Plotly.newPlot" in html and "<script src" not in html and len(html) < 20000
