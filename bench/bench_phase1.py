@@ -68,17 +68,23 @@ def _sync(dev) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _timed(fn, dev, warmup: int, repeats: int) -> tuple[float, list[float], object]:
+CPU_S: dict[str, float] = {}  # process CPU seconds (all threads) of the last timed call, by name
+
+
+def _timed(fn, dev, warmup: int, repeats: int, name: str = "") -> tuple[float, list[float], object]:
+    """Median wall seconds of `repeats` calls after `warmup`; the median process CPU seconds go to CPU_S."""
     out = None
     for _ in range(warmup):
         out = fn()
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
         _sync(dev)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = fn()
         _sync(dev)
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    CPU_S[name] = statistics.median(cpu)
     return statistics.median(times), times, out
 
 
@@ -117,7 +123,7 @@ def worker(args) -> dict:
             with torch.enable_grad():
                 (token_loss_sum(model, ids) / n_total).backward()
 
-        rec["fwd_bwd_s"], rec["fwd_bwd_runs"], _ = _timed(fwd_bwd, dev, args.warmup, args.repeats)
+        rec["fwd_bwd_s"], rec["fwd_bwd_runs"], _ = _timed(fwd_bwd, dev, args.warmup, args.repeats, "fwd_bwd")
         rec["fwd_bwd_peak"] = _peak(dev)
 
         def score_topk():
@@ -130,7 +136,7 @@ def worker(args) -> dict:
             top = torch.topk(v, k)
             return top
 
-        rec["plain_score_topk_s"], _, _ = _timed(score_topk, dev, args.warmup, args.repeats)
+        rec["plain_score_topk_s"], _, _ = _timed(score_topk, dev, args.warmup, args.repeats, "plain_score_topk")
 
         def moments():
             out = []
@@ -139,7 +145,7 @@ def worker(args) -> dict:
                 out.append((s.mean().item(), s.std().item(), s.min().item(), s.max().item()))
             return out
 
-        rec["plain_moments_s"], _, _ = _timed(moments, dev, args.warmup, args.repeats)
+        rec["plain_moments_s"], _, _ = _timed(moments, dev, args.warmup, args.repeats, "plain_moments")
         if rec["n_weights"] <= args.fit:
             def concat_all():
                 return torch.cat([(p.grad.float() * p.detach().float()).abs_().reshape(-1) for _, p in params])
@@ -150,24 +156,26 @@ def worker(args) -> dict:
             def percentiles():
                 return np.percentile(concat_all().cpu().numpy(), [50, 90, 95, 99, 99.9, 99.99])
 
-            rec["plain_concat_topk_s"], _, _ = _timed(naive_topk, dev, args.warmup, args.repeats)
-            rec["plain_percentiles_s"], _, _ = _timed(percentiles, dev, args.warmup, args.repeats)
+            rec["plain_concat_topk_s"], _, _ = _timed(naive_topk, dev, args.warmup, args.repeats, "plain_concat_topk")
+            rec["plain_percentiles_s"], _, _ = _timed(percentiles, dev, args.warmup, args.repeats, "plain_percentiles")
         else:
             rec["plain_concat_topk_s"] = rec["plain_percentiles_s"] = None
         rec["peak"] = _peak(dev)
+        rec["cpu_s"] = dict(CPU_S)
         return rec
     metric = "fisher" if stage == "fisher" else args.metric
-    spent = {"rank_stats_s": 0.0}
+    spent = {"rank_stats_s": 0.0, "rank_stats_cpu_s": 0.0}
 
     def timing(fn):
         def run(*a, **kw):
             _sync(dev)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return fn(*a, **kw)
             finally:
                 _sync(dev)
                 spent["rank_stats_s"] += time.perf_counter() - t0
+                spent["rank_stats_cpu_s"] += time.process_time() - c0
         return run
 
     originals = {name: getattr(sensitivity, name) for name in ("_feed", "_add_cells") if hasattr(sensitivity, name)}
@@ -177,13 +185,15 @@ def worker(args) -> dict:
     sensitivity.TopK.add = timing(topk_add)
 
     def run():
-        spent["rank_stats_s"] = 0.0
+        spent["rank_stats_s"] = spent["rank_stats_cpu_s"] = 0.0
         sensitivity.analyze(model, ids, [metric], topk_global=k, topk_per_layer=kt, batch_size=args.batch,
                             exact_stats=stage == "twopass", chunk_size=args.chunk, progress=False)
         return spent["rank_stats_s"]
 
-    rec["analyze_s"], rec["analyze_runs"], _ = _timed(run, dev, args.warmup, args.repeats)
+    rec["analyze_s"], rec["analyze_runs"], _ = _timed(run, dev, args.warmup, args.repeats, "analyze")
     rec["rank_stats_s"] = spent["rank_stats_s"]  # of the last run
+    rec["rank_stats_cpu_s"] = spent["rank_stats_cpu_s"]
+    rec["cpu_s"] = dict(CPU_S)
     rec["peak"] = _peak(dev)
     return rec
 
@@ -218,16 +228,17 @@ def _phase1(args, rec: dict) -> dict:
         return ctx
 
     pipeline.prepare = prepared
-    runs = []
+    runs, cpu = [], []
     for i in range(args.warmup + args.repeats):
         with tempfile.TemporaryDirectory() as out:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             pipeline.score(params, out, progress=False)
             _sync(info["dev"])
             if i >= args.warmup:
                 runs.append(time.perf_counter() - t)
+                cpu.append(time.process_time() - c)
             man = json.loads((Path(out) / "manifest.json").read_text())
-    rec.update(phase1_s=statistics.median(runs), phase1_runs=runs, stages_s=man["timings_s"],
+    rec.update(phase1_s=statistics.median(runs), phase1_runs=runs, cpu_s={"phase1": statistics.median(cpu)}, stages_s=man["timings_s"],
                weight_bytes=info["weight_bytes"], rss_after_load=info["rss_after_load"],
                peak=_peak(info["dev"]), peak_whole_process=man["memory"].get("peak_rss_bytes"))
     if info["dev"].type == "cuda":
@@ -289,11 +300,11 @@ def main() -> None:
 def summary(result: dict) -> str:
     """A markdown table of the records."""
     gib = 2 ** 30
-    rows = ["| stage | time (s) | peak (GiB) | peak / weights | notes |", "|---|---|---|---|---|"]
+    rows = ["| stage | wall (s) | CPU (s) | peak (GiB) | peak / weights | notes |", "|---|---|---|---|---|---|"]
     by = {r["stage"]: r for r in result["records"]}
     for r in result["records"]:
         if "error" in r:
-            rows.append(f"| {r['stage']} | – | – | – | error: {r['error']} |")
+            rows.append(f"| {r['stage']} | – | – | – | – | error: {r['error']} |")
             continue
         wb = r.get("weight_bytes") or 1
         t = r.get("fwd_bwd_s") or r.get("analyze_s") or r.get("phase1_s")
@@ -309,12 +320,16 @@ def summary(result: dict) -> str:
             fb = by.get("plain", {}).get("fwd_bwd_s")
             share = f" = {100 * r['rank_stats_s'] / fb:.1f}% of fwd+bwd" if fb else ""
             notes.append(f"ranking+statistics {r['rank_stats_s']:.2f}s{share}")
+            if "rank_stats_cpu_s" in r:
+                notes.append(f"ranking+statistics CPU {r['rank_stats_cpu_s']:.2f}s")
         else:
             notes.append(", ".join(f"{k} {v:.1f}s" for k, v in r.get("stages_s", {}).items()))
             if r.get("peak_whole_process"):
                 notes.append(f"whole-process peak incl. load {r['peak_whole_process'] / gib:.2f} GiB")
         peak = r.get("fwd_bwd_peak") or r.get("peak")
-        rows.append(f"| {r['stage']} | {t:.2f} | {peak / gib:.2f} | {peak / wb:.2f}× | {'; '.join(notes)} |")
+        cpu = next(iter(r.get("cpu_s", {}).values()), None)
+        cpu = "–" if cpu is None else f"{cpu:.1f}"
+        rows.append(f"| {r['stage']} | {t:.2f} | {cpu} | {peak / gib:.2f} | {peak / wb:.2f}× | {'; '.join(notes)} |")
     return "\n".join(rows)
 
 

@@ -65,6 +65,8 @@ class Params:
     # Phase 2 stability (critlib.agreement): other window seeds and a second corpus ("" = skip) to compare with
     stability_seeds: list[int] = field(default_factory=lambda: [1])
     stability_data: str = "alt"
+    # Phase 3 report: held-out windows the dose-response evaluates on (0 = all n_heldout), for time budgets
+    perturb_heldout: int = 0
     # Phase 5 token explorer: tokens pre-rendered in the static HTML (top tokens by row score)
     token_explorer_top: int = 30
 
@@ -110,10 +112,11 @@ class Params:
             seeds = [int(v) for v in self.stability_seeds]
         except (TypeError, ValueError):
             raise CritlibError(f"stability_seeds={self.stability_seeds!r} must be a list of integers, e.g. [1, 2]") from None
-        if self.seed in seeds or len(set(seeds)) != len(seeds):
-            raise CritlibError(f"stability_seeds={seeds} must be distinct and differ from seed={self.seed}")
-        self.stability_seeds = seeds
+        self.stability_seeds = list(dict.fromkeys(seeds))  # Phase 2 skips the run's own seed
         self.stability_data = self.stability_data or ""
+        if not 0 <= int(self.perturb_heldout) <= self.n_heldout:
+            raise CritlibError(f"perturb_heldout={self.perturb_heldout} must lie in [0, n_heldout={self.n_heldout}] "
+                               "(0 = all held-out windows)")
         if int(self.token_explorer_top) < 1:
             raise CritlibError(f"token_explorer_top={self.token_explorer_top} must be ≥ 1")
 

@@ -11,6 +11,7 @@ run alone recomputes whatever is missing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -227,7 +228,7 @@ def cross_metric_phase(ctx: Context, p1: Phase1, outdir: str | Path, progress: b
     runs = {base: top_sets(sens, k)}
     kinds = {base: "base"}
     vocab = ctx.loaded.model.get_input_embeddings().num_embeddings
-    others = [(f"{p.data} seed {s}", p.data, s, "seed") for s in p.stability_seeds]
+    others = [(f"{p.data} seed {s}", p.data, s, "seed") for s in p.stability_seeds if s != p.seed]
     if p.stability_data and p.stability_data != p.data:
         others.append((f"{p.stability_data} seed {p.seed}", p.stability_data, p.seed, "corpus"))
     for name, data, seed, kind in others:
@@ -263,6 +264,9 @@ def perturbation_phase(ctx: Context, p1: Phase1, outdir: str | Path, progress: b
     """Dose-response over `perturb_ks` of every selector × method (critlib.experiments)."""
     from .experiments import run_perturbation, summarize
     outdir = Path(outdir)
+    n = ctx.params.perturb_heldout
+    if n and n < len(ctx.windows.heldout):
+        ctx = dataclasses.replace(ctx, windows=dataclasses.replace(ctx.windows, heldout=ctx.windows.heldout[:n]))
     with ctx.timer.stage("perturbation"):
         df = run_perturbation(ctx, p1.sens, progress=progress)
     summary = summarize(df)
@@ -271,6 +275,7 @@ def perturbation_phase(ctx: Context, p1: Phase1, outdir: str | Path, progress: b
     baseline = df.attrs.get("baseline", {})
     write_json(outdir / "manifest_03_perturbation.json", manifest(ctx, {"phase": "03_perturbation",
                                                                          "baseline": baseline,
+                                                                         "heldout_windows": len(ctx.windows.heldout),
                                                                          "phase1_from_cache": p1.from_cache}))
     write_headline(outdir, "03_perturbation", perturbation_headline(summary))
     return {"raw": df, "summary": summary, "baseline": baseline}

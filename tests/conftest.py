@@ -38,8 +38,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_report_params() -> dict:
     """Overrides that make params/tiny.yaml quicker still, with absolute paths (tests may run from anywhere)."""
-    return {"model": f"synthetic:{REPO}/params/tiny-model.json", "perturb_ks": [1, 10], "n_heldout": 2,
-            "n_random_draws": 2}
+    return {"model": f"synthetic:{REPO}/params/tiny-model.json", "perturb_ks": [1, 10]}
 
 
 @pytest.fixture(scope="session")

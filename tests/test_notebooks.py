@@ -75,6 +75,8 @@ def test_phase_outputs(tiny_report):
     assert list(pert.columns) == experiments.COLUMNS
     assert pd.read_csv(tiny_report / "perturbation.csv").shape == pert.shape
     assert set(pert["k"]) == {1, 10}
+    m3 = json.loads((tiny_report / "manifest_03_perturbation.json").read_text())
+    assert m3["heldout_windows"] == 2 and m3["baseline"]["n_tokens"] == 2 * 31  # perturb_heldout: 2
     methods = {(m if a is None or pd.isna(a) else f"{m}:{a}") for m, a in zip(pert["method"], pert["method_arg"])}
     assert methods == {"zero", "sign_flip", "scale:10", "noise:1", "mean", "bitflip:sign"}
     sw = json.loads((tiny_report / "superweights.json").read_text())
