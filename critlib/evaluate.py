@@ -30,7 +30,7 @@ def evaluate(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8,
             kl += float(per_token.double().sum())
         if keep_logprobs:
             kept.append(logp.cpu())
-    out = {"ppl": math.exp(nll / n) if n else float("nan"), "nll": nll / n if n else float("nan"),
+    out = {"ppl": (math.inf if nll / n > 709 else math.exp(nll / n)) if n else float("nan"), "nll": nll / n if n else float("nan"),
            "accuracy": correct / n if n else float("nan"), "n_tokens": n}
     if reference is not None:
         out["kl"] = kl / n

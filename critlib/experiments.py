@@ -160,6 +160,9 @@ def run_perturbation(ctx, sens, ks: list[int] | None = None, methods: list | Non
     ks = list(p.perturb_ks if ks is None else ks)
     methods = list(p.perturb_methods if methods is None else methods)
     n_random_draws = p.n_random_draws if n_random_draws is None else n_random_draws
+    if ks and max(ks) > sens.topk_global:
+        raise CritlibError(f"perturb_ks has k={max(ks)} but Phase 1 kept an exact top-{sens.topk_global}; raise "
+                           f"topk_global to ≥ {max(ks)} or lower perturb_ks")
     model = ctx.loaded.model
     selectors = default_selectors(model, sens, sens.metrics, n_random_draws, p.seed)
     return dose_response(model, ctx.windows.heldout, selectors, methods, ks, batch_size=p.batch_size,

@@ -52,7 +52,7 @@ class Params:
     prune_modes: list[str] = field(default_factory=lambda: ["per_layer", "global"])
     prune_protect_k: int = 0
     bitflip_top_n: int = 2
-    bitflip_bits: list[str] = field(default_factory=lambda: ["sign", "exponent_top", "exponent_low", "mantissa_top"])
+    bitflip_bits: list[str] = field(default_factory=lambda: ["sign", "exponent_top", "exponent_low"])
     bitflip_eval_windows: int = 2
     bitflip_break_factor: float = 10.0
     bitflip_cap: int = 256
@@ -130,10 +130,6 @@ class Params:
             raise CritlibError(f"perturb_ks={self.perturb_ks!r} must be a list of integers, e.g. [1, 10, 100]") from None
         if not ks or any(k < 0 for k in ks):
             raise CritlibError(f"perturb_ks={ks} must be a non-empty list of integers ≥ 0")
-        kept = max(self.topk_global, self.topk_per_layer)
-        if max(ks) > kept:
-            raise CritlibError(f"perturb_ks has k={max(ks)} but Phase 1 keeps an exact top-{kept}; raise topk_global "
-                               f"to ≥ {max(ks)} or lower perturb_ks")
         self.perturb_ks = ks
         if not self.perturb_methods:
             raise CritlibError("perturb_methods is empty; e.g. [zero, sign_flip, scale:10, noise:1.0, mean, "

@@ -127,7 +127,8 @@ def fake_quantize(w: torch.Tensor, cfg: QuantConfig, in_dim: int = 1, chunk_elem
         x = m[r:r + step].double()
         n = x.shape[0]
         if full:
-            out[r:r + n, :full] = _quantize_groups(x[:, :full].reshape(n, full // g, g), cfg).reshape(n, full).to(w.dtype)
+            q = _quantize_groups(x[:, :full].reshape(n, full // g, g), cfg)
+            out[r:r + n, :full] = q.reshape(n, full).to(w.dtype)
         if full < cols:
             out[r:r + n, full:] = _quantize_groups(x[:, full:], cfg).to(w.dtype)
     return out.t() if in_dim == 0 else out
