@@ -4,7 +4,7 @@
 phase writes its tables/JSON into the run folder (atomically), a `manifest_<key>.json`, and
 `headlines/<key>.json` (the numbers `index.html` shows).
 
-Phase 1's result is cached in `<run>/cache/phase1.pkl` under a key of everything it depends on (params,
+Phase 1's result is cached in `<run>/cache/phase1.pt` (tensors and plain data, read with weights_only) under a key of everything it depends on (params,
 data windows, model identity, scoring code), so the notebooks of one run score the model once; a notebook
 run alone recomputes whatever is missing.
 """
@@ -15,14 +15,13 @@ import dataclasses
 import hashlib
 import json
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from . import CritlibError, __version__
-from .io import atomic_path, write_json, write_table
+from .io import write_json, write_table
 from .params import Params, load_params, valid_keys
 from .pipeline import Context, manifest, prepare
 
@@ -154,12 +153,14 @@ def phase1_key(ctx: Context) -> str:
 
 
 def _load_cache(path: Path, key: str):
+    """The cached Phase 1 result if its key matches; any unreadable or foreign file is ignored (and never
+    unpickled: `Sensitivity.load` reads tensors and plain data only)."""
+    from .sensitivity import Sensitivity
     try:
-        with open(path, "rb") as f:
-            obj = pickle.load(f)
-        return obj if obj.get("key") == key else None
-    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError, TypeError):
+        sens, extra = Sensitivity.load(path)
+    except Exception:  # a missing, truncated, old-format or tampered cache is simply recomputed
         return None
+    return {"sens": sens, "heldout": extra.get("heldout", {})} if extra.get("key") == key else None
 
 
 def sensitivity(ctx: Context, outdir: str | Path, progress: bool = True, write: bool = True) -> Phase1:
@@ -170,7 +171,7 @@ def sensitivity(ctx: Context, outdir: str | Path, progress: bool = True, write: 
     from .sensitivity import analyze, cross_metric, top_weights_table
     outdir = Path(outdir)
     p = ctx.params
-    cache = outdir / "cache" / "phase1.pkl"
+    cache = outdir / "cache" / "phase1.pt"
     key = phase1_key(ctx)
     hit = _load_cache(cache, key)
     if hit is not None:
@@ -183,9 +184,7 @@ def sensitivity(ctx: Context, outdir: str | Path, progress: bool = True, write: 
         with ctx.timer.stage("heldout_eval"):
             heldout = evaluate(ctx.loaded.model, ctx.windows.heldout, p.batch_size) if len(ctx.windows.heldout) \
                 else {}
-        with atomic_path(cache) as tmp:
-            with open(tmp, "wb") as f:
-                pickle.dump({"key": key, "sens": sens, "heldout": heldout}, f, protocol=pickle.HIGHEST_PROTOCOL)
+        sens.save(cache, {"key": key, "heldout": heldout})
     with ctx.timer.stage("tables"):
         table = top_weights_table(sens, ctx.loaded.model, ctx.loaded.tokenizer)
     if write:

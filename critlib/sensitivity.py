@@ -17,6 +17,7 @@ import torch
 from . import CritlibError
 from .distributed import Reducer, shard
 from .distributed import active as dist_active
+from .io import atomic_path
 from .layout import Part, component_at, is_token_matrix, layer_of, parts_of
 from .rank import TopK
 from .scores import scored_parameters, score_model
@@ -47,6 +48,34 @@ class Sensitivity:
 
     def global_top(self, metric: str, k: int | None = None) -> list[tuple[str, int, float]]:
         return self.topk[metric].global_topk(k or self.topk_global, self.order)
+
+    def save(self, path, extra: dict | None = None) -> None:
+        """Write as plain tensors, lists and dicts (no pickled classes): `load` reads it with weights_only."""
+        def tk(t: TopK) -> dict:
+            return {"k": t.k, "chunk_size": t.chunk_size, "candidates": t.candidates}
+        state = {"metrics": self.metrics, "order": self.order, "shapes": self.shapes,
+                 "parts": {n: [(p.component, p.dim, p.start, p.stop) for p in ps] for n, ps in self.parts.items()},
+                 "topk": {m: tk(t) for m, t in self.topk.items()}, "bottom": {m: tk(t) for m, t in self.bottom.items()},
+                 "stats": self.stats, "topk_global": self.topk_global, "topk_per_layer": self.topk_per_layer,
+                 "gathered": self.gathered, "unscored": self.unscored, "hist": self.hist, "cells": self.cells,
+                 "extra": extra or {}}
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+
+    @classmethod
+    def load(cls, path) -> tuple["Sensitivity", dict]:
+        """Read what `save` wrote (safely: torch.load with weights_only=True); returns (result, extra)."""
+        st = torch.load(path, weights_only=True)
+
+        def tk(d: dict) -> TopK:
+            t = TopK(d["k"], d["chunk_size"])
+            t.candidates = d["candidates"]
+            return t
+        res = cls(st["metrics"], st["order"], {n: tuple(s) for n, s in st["shapes"].items()},
+                  {n: [Part(*p) for p in ps] for n, ps in st["parts"].items()},
+                  {m: tk(d) for m, d in st["topk"].items()}, st["stats"], st["topk_global"], st["topk_per_layer"],
+                  st["gathered"], {m: tk(d) for m, d in st["bottom"].items()}, st["unscored"], st["hist"], st["cells"])
+        return res, st["extra"]
 
     def global_bottom(self, metric: str, k: int) -> list[tuple[str, int, float]]:
         """The k lowest-scored weights (ties: lowest (param, index) first); needs `analyze(bottomk=...)`."""

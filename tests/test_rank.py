@@ -75,3 +75,14 @@ def test_bottom_k_is_lowest_scores():
     allw = torch.cat([p.detach().abs().reshape(-1) for p in model.parameters()]).double().numpy()
     low = np.sort(allw)[:20]
     assert [s for _, _, s in res.global_bottom("magnitude", 20)] == pytest.approx(low.tolist())
+
+
+def test_sensitivity_round_trips_through_a_safe_file(tmp_path, windows):
+    model = tiny("tiny-gpt2")
+    res = analyze(model, windows, ["wanda", "fisher"], topk_global=12, topk_per_layer=3, bottomk=4, progress=False)
+    res.save(tmp_path / "s.pt", {"key": "k1"})
+    back, extra = type(res).load(tmp_path / "s.pt")
+    assert extra == {"key": "k1"}
+    for m in res.metrics:
+        assert back.global_top(m) == res.global_top(m) and back.global_bottom(m, 4) == res.global_bottom(m, 4)
+    assert back.stats == res.stats and back.parts == res.parts and back.gathered == res.gathered
