@@ -47,9 +47,8 @@ PHASES: tuple[Phase, ...] = (
           "validation, and where each super weight ranks in Phase 1.", ("critlib.superweights",)),
     Phase("05_token_explorer", 5, "Token explorer", "Scores of each token's embedding and lm_head rows per "
           "dimension and its rank among all tokens."),
-    # with notebooks/06_applications.ipynb in place, add:
-    # Phase("06_applications", 6, "Applications", "Quantization with kept outliers, pruning and bit-flip "
-    #       "vulnerability per selector.", ("critlib.applications",)),
+    Phase("06_applications", 6, "Applications", "Quantization with kept outliers, pruning and bit-flip "
+          "vulnerability per selector.", ("critlib.applications",)),
 )
 
 
@@ -337,6 +336,146 @@ def token_explorer_phase(ctx: Context, outdir: str | Path, progress: bool = True
     return ts
 
 
+# ---------------------------------------------------------------- phase 6
+
+APPLICATION_TABLES = ("quantization", "pruning", "bitflip_single", "bitflip_ranked", "bitflip_break")
+
+
+def applications_phase(ctx: Context, p1: Phase1 | None, outdir: str | Path, progress: bool = True) -> dict:
+    """Quantization with kept outliers, pruning and bit flips per selector against the magnitude and random
+    baselines (critlib.applications). Super weights, found data-free as in Phase 4, add the super-weight-aware
+    quantization points. With Phase 1, also `protect_critical`. Writes each table (parquet + csv), a manifest
+    and the headline numbers."""
+    from .applications import run_applications
+    from .quantize import linear_weights
+    from .superweights import default_prompt_ids, find_super_weights
+    outdir = Path(outdir)
+    model = ctx.loaded.model
+    with ctx.timer.stage("super_weight_detection"):
+        found = find_super_weights(model, default_prompt_ids(ctx.loaded.tokenizer))
+    names = {lw.name for lw in linear_weights(model, ctx.params.quant_include_head)}
+    sw = [(s.param, s.row, s.col) for s in found if s.param in names]
+    tables = run_applications(ctx, p1.sens if p1 is not None else None, progress, superweights=sw or None)
+    for name in APPLICATION_TABLES:
+        write_table(outdir / name, tables[name])
+    prot = protect_critical(ctx, p1, outdir) if p1 is not None else None
+    items = applications_headline(tables)
+    extra = {}
+    if prot is not None:
+        items += [("critical weights fingerprinted and frozen (freeze_masks.safetensors)", prot["n_critical"]),
+                  ("one flipped bit in the top weight caught by verify", not prot["flipped_report"]["ok"])]
+        extra = {"protection": {k: prot[k] for k in ("k", "n_critical", "mask_tensors", "flipped_weight",
+                                                     "flipped_bit", "n_changed")},
+                 "protection_files": [prot["fingerprint"].name, prot["masks"].name]}
+    write_json(outdir / "manifest_06_applications.json", manifest(ctx, {
+        "phase": "06_applications", "super_weights": [list(s) for s in sw], "heldout_windows": len(ctx.windows.heldout),
+        "bitflip_eval_windows": min(ctx.params.bitflip_eval_windows, len(ctx.windows.heldout)),
+        "phase1_from_cache": getattr(p1, "from_cache", None), **extra}))
+    write_headline(outdir, "06_applications", items)
+    return dict(tables, super_weights=sw, protection=prot)
+
+
+def _ratio(v) -> float | str:
+    v = float(v)
+    return round(v, 4) if v == v and v not in (float("inf"), float("-inf")) else "broken (ppl NaN/inf)"
+
+
+def applications_headline(tables: dict[str, pd.DataFrame]) -> list[tuple[str, object]]:
+    """Perplexity ratios at the fewest bits and most kept outliers, at the highest sparsity per mode (the best
+    metric, magnitude, random), the worst single flip, and flips to break: all selectors' damage order vs
+    random flips (median over draws)."""
+    items: list[tuple[str, object]] = []
+    q = tables.get("quantization")
+    if q is not None and len(q):
+        q = q[(q["bits"] == q["bits"].min()) & (q["clip_z"] == 0)]
+        bits = int(q["bits"].iloc[0])
+        none = q[(q["selector"] == "none") & (q["keep_percent"] == 0)]
+        if len(none):
+            items.append((f"{bits}-bit quantization, no outliers kept: ppl ratio", _ratio(none["ppl_ratio"].iloc[0])))
+        pct = q["keep_percent"].max()
+        at = q[q["keep_percent"] == pct]
+        items += _best_and_baselines(at, f"{bits}-bit + top {pct:g}% of each tensor kept")
+    pr = tables.get("pruning")
+    if pr is not None and len(pr):
+        pr = pr[(pr["kind"] != "reference") & (pr["protected"] == "")]
+        for mode, sub in pr.groupby("mode", sort=False):
+            s = sub["sparsity"].max()
+            items += _best_and_baselines(sub[sub["sparsity"] == s], f"{s:.0%} pruned ({mode})")
+    r = tables.get("bitflip_ranked")
+    if r is not None and len(r):
+        w = r.iloc[0]
+        at = f"[{w['row']}, {w['col']}]" if not pd.isna(w["col"]) else f"[{w['row']}]"
+        items.append((f"worst single bit flip: {w['param']}{at} bit {w['bit']} ({w['bit_kind']}): ppl ratio",
+                      _ratio(w["ppl_ratio"])))
+    b = tables.get("bitflip_break")
+    if b is not None and len(b):
+        cap = int(b["n_available"].max())
+        both = b[b["selector"] == "all"]
+        if len(both):
+            n = both["n_flips"].iloc[0]
+            items.append((f"flips to break (ppl ≥ {b['factor'].iloc[0]:g}× base), most damaging first",
+                          int(n) if not pd.isna(n) else f"> {int(both['n_available'].iloc[0])}"))
+        rnd = b[b["order"] == "random_bits"]
+        if len(rnd):
+            n = rnd["n_flips"].astype("Float64").fillna(float("inf")).median()
+            items.append((f"flips to break, random weights and bits (median of {len(rnd)} draws)",
+                          f"> {cap}" if n == float("inf") else int(n) if n == int(n) else float(n)))
+    return items
+
+
+def protect_critical(ctx: Context, p1: Phase1, outdir: str | Path, k: int | None = None) -> dict:
+    """The critical weights (union of each metric's Phase 1 global top-k, default topk_global) written as an
+    integrity fingerprint (`critical_fingerprint.json`) and as freeze masks (`freeze_masks.safetensors`), and
+    verify run twice: with the top weight's highest exponent bit flipped (it must be caught) and after the
+    flip is undone (it must pass)."""
+    from .freeze import masks_from_coords, save_masks
+    from .integrity import fingerprint, save_fingerprint, verify
+    from .perturb import BitFlip, Selection, perturbed
+    from .scores import scored_parameters
+    outdir = Path(outdir)
+    model, sens = ctx.loaded.model, p1.sens
+    k = min(int(k or ctx.params.topk_global), min(sens.topk[m].k for m in sens.metrics))
+    found: dict[tuple[str, int], list[str]] = {}
+    for m in sens.metrics:
+        for name, flat, _ in sens.global_top(m, k):
+            found.setdefault((name, flat), []).append(m)
+    pos = {n: i for i, n in enumerate(sens.order)}
+    crit = [(n, f, ms) for (n, f), ms in sorted(found.items(), key=lambda kv: (pos[kv[0][0]], kv[0][1]))]
+    with ctx.timer.stage("fingerprint"):
+        fp = fingerprint(model, crit, extra={"source": ctx.params.model, "dtype": ctx.params.dtype,
+                                             "metrics": list(sens.metrics), "k": k})
+        save_fingerprint(fp, outdir / "critical_fingerprint.json")
+        top = sens.global_top(sens.metrics[0], 1)[0]
+        flip = BitFlip("exponent")
+        with perturbed(model, Selection.from_list([top]), flip) as applied:
+            flipped = verify(model, fp)
+        restored = verify(model, fp)
+    if not restored["ok"]:
+        raise CritlibError("the model differs from its fingerprint after the demonstration flip was undone; "
+                           "report this as a critlib bug")
+    masks = masks_from_coords(model, crit)
+    save_masks(masks, outdir / "freeze_masks.safetensors", {"metrics": ",".join(sens.metrics), "k": k,
+                                                            "n_frozen": len(crit)})
+    return {"k": k, "n_critical": len(crit), "fingerprint": outdir / "critical_fingerprint.json",
+            "masks": outdir / "freeze_masks.safetensors", "n_frozen": sum(int(m.sum()) for m in masks.values()),
+            "mask_tensors": len(masks), "flipped_weight": (top[0], top[1], sens.metrics[0]),
+            "flipped_bit": flip.position(dict(scored_parameters(model))[top[0]].dtype),
+            "n_changed": applied.n_changed, "flipped_report": flipped, "restored_report": restored}
+
+
+def _best_and_baselines(at: pd.DataFrame, what: str) -> list[tuple[str, object]]:
+    items = []
+    metrics = at[at["kind"] == "metric"]
+    if len(metrics):
+        best = metrics.loc[metrics["ppl_ratio"].fillna(float("inf")).idxmin()]
+        items.append((f"{what}, best metric ({best['selector']}): ppl ratio", _ratio(best["ppl_ratio"])))
+    for sel in ("magnitude", "random"):
+        row = at[at["selector"] == sel]
+        if len(row):
+            items.append((f"{what}, {sel}: ppl ratio", _ratio(row["ppl_ratio"].iloc[0])))
+    return items
+
+
 __all__ = ["PHASES", "Phase", "Phase1", "phase", "select", "params_from", "outdir_of", "prepare", "sensitivity",
            "cross_metric_phase", "perturbation_phase", "super_weights_phase", "token_explorer_phase",
-           "write_headline", "read_headlines"]
+           "applications_phase", "applications_headline", "protect_critical", "write_headline", "read_headlines"]

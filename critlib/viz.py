@@ -434,3 +434,202 @@ def token_ranks(summary: pd.DataFrame, metric: str, role: str, n: int = 40) -> g
     fig.update_layout(title=f"Top {n} tokens by the sum of their {role} row's {metric} scores", height=420,
                       xaxis=dict(tickangle=-60), yaxis=dict(title="row sum", type="log"))
     return fig
+
+
+# ---------------------------------------------------------------- phase 6
+
+BASELINE_SELECTORS = ("magnitude", "random")
+
+
+def _finite(values) -> list:
+    """Values as floats with NaN/inf as None (plotly leaves a gap), for log axes and JSON."""
+    out = []
+    for v in values:
+        v = float(v) if v is not None and not pd.isna(v) else float("nan")
+        out.append(v if math.isfinite(v) else None)
+    return out
+
+
+def _line(selector: str) -> dict:
+    return dict(dash="dot") if selector in BASELINE_SELECTORS else {}
+
+
+def _reference_label(selector: str, clip_z: float) -> str:
+    base = "no outliers kept" if selector == "none" else "super weights kept"
+    return base + (f", clipped at z={clip_z:g}" if clip_z else "")
+
+
+def quantization_curves(df: pd.DataFrame, value: str = "ppl") -> go.Figure:
+    """Held-out `value` (ppl, ppl_ratio or kl) against the share of each tensor's weights kept in original
+    precision, one line per selector (the magnitude and random baselines dotted), one panel per bit width.
+    Horizontal dashed lines: quantization with no outliers kept (the reference every selector starts from) and
+    the super-weight-aware points (super weights kept, clipping), when present."""
+    configs = list(dict.fromkeys(zip(df["bits"], df["group_size"], df["symmetric"])))
+    titles = [f"{b}-bit, groups of {g}, {'symmetric' if s else 'asymmetric'}" for b, g, s in configs]
+    fig = make_subplots(rows=1, cols=max(1, len(configs)), subplot_titles=titles, horizontal_spacing=0.08)
+    kept = df[df["keep_percent"] > 0]
+    xs = sorted(set(kept["keep_percent"])) or [1.0]
+    span = [xs[0] / 1.5, xs[-1] * 1.5]
+    selectors = list(dict.fromkeys(kept["selector"]))
+    cmap = colors(selectors)
+    refs = list(dict.fromkeys(zip(df.loc[df["keep_percent"] == 0, "selector"], df.loc[df["keep_percent"] == 0, "clip_z"])))
+    ref_colors = {r: c for r, c in zip(refs, ("#222222", "#7f7f7f", "#bcbd22", "#e377c2"))}
+    hover = ("%{customdata[0]}<br>kept: %{x:g}% of each tensor (%{customdata[1]:,} weights)<br>" + value
+             + ": %{y:.5g}<br>ppl ratio: %{customdata[2]:.4g}, KL: %{customdata[3]:.3g}<br>bits per weight: "
+             "%{customdata[4]:.3f}<extra></extra>")
+    for j, (bits, g, sym) in enumerate(configs, 1):
+        sub = df[(df["bits"] == bits) & (df["group_size"] == g) & (df["symmetric"] == sym)]
+        for (sel, z), color in ref_colors.items():
+            r = sub[(sub["keep_percent"] == 0) & (sub["selector"] == sel) & (sub["clip_z"] == z)]
+            if r.empty:
+                continue
+            r = r.iloc[0]
+            label = _reference_label(sel, z)
+            fig.add_trace(go.Scatter(
+                x=span, y=_finite([r[value]] * 2), mode="lines", name=label, legendgroup=label, showlegend=j == 1,
+                line=dict(color=color, dash="dash"),
+                customdata=[[label, int(r["n_kept"]), r["ppl_ratio"], r["kl"], r["bits_per_weight"]]] * 2,
+                hovertemplate=hover.replace("kept: %{x:g}% of each tensor (%{customdata[1]:,} weights)",
+                                            "weights kept: %{customdata[1]:,}")), row=1, col=j)
+        for sel in selectors:
+            d = sub[(sub["selector"] == sel) & (sub["keep_percent"] > 0)].sort_values("keep_percent")
+            if d.empty:
+                continue
+            fig.add_trace(go.Scatter(
+                x=d["keep_percent"], y=_finite(d[value]), mode="lines+markers", name=sel, legendgroup=sel,
+                showlegend=j == 1, line=dict(color=cmap[sel], **_line(sel)),
+                customdata=np.stack([np.full(len(d), sel, dtype=object), d["n_kept"], d["ppl_ratio"], d["kl"],
+                                     d["bits_per_weight"]], axis=1),
+                hovertemplate=hover), row=1, col=j)
+    fig.update_xaxes(type="log", title="weights kept in original precision (% of each tensor)")
+    fig.update_yaxes(title={"ppl": "held-out perplexity", "ppl_ratio": "perplexity ratio"}.get(value, value),
+                     row=1, col=1)
+    fig.update_layout(title=f"Quantization with kept outliers: {value} per selector", height=460)
+    return fig
+
+
+def pruning_curves(df: pd.DataFrame, value: str = "ppl", log_y: bool = True) -> go.Figure:
+    """Held-out `value` against sparsity, one panel per mode (per_layer, global), one line per selector (the
+    magnitude and random baselines dotted; with a protected set, dashed); every line starts at the unpruned
+    model (sparsity 0)."""
+    ref = df[df["kind"] == "reference"]
+    y0 = float(ref[value].iloc[0]) if len(ref) else None
+    runs = df[df["kind"] != "reference"]
+    modes = list(dict.fromkeys(runs["mode"]))
+    fig = make_subplots(rows=1, cols=max(1, len(modes)), subplot_titles=[m.replace("_", " ") for m in modes],
+                        horizontal_spacing=0.08)
+    lines = list(dict.fromkeys(zip(runs["selector"], runs["protected"].fillna(""))))
+    cmap = colors(dict.fromkeys(s for s, _ in lines))
+    n_gaps = 0
+    for j, mode in enumerate(modes, 1):
+        sub = runs[runs["mode"] == mode]
+        for sel, prot in lines:
+            d = sub[(sub["selector"] == sel) & (sub["protected"].fillna("") == prot)].sort_values("sparsity")
+            if d.empty:
+                continue
+            name = sel + (f" ({prot} protected)" if prot else "")
+            x = ([0.0] if y0 is not None else []) + list(d["sparsity"])
+            y = _finite(([y0] if y0 is not None else []) + list(d[value]))
+            n_gaps += sum(v is None for v in y)
+            line = dict(dash="dash") if prot else _line(sel)
+            extra = np.stack([np.r_[[1.0], d["ppl_ratio"]] if y0 is not None else d["ppl_ratio"],
+                              np.r_[[0.0], d["kl"]] if y0 is not None else d["kl"]], axis=1)
+            fig.add_trace(go.Scatter(
+                x=x, y=y, mode="lines+markers", name=name, legendgroup=name, showlegend=j == 1,
+                line=dict(color=cmap[sel], **line), customdata=extra,
+                hovertemplate=(f"<b>{name}</b> {mode}<br>sparsity %{{x:.0%}}<br>{value}: %{{y:.5g}}"
+                               "<br>ppl ratio: %{customdata[0]:.4g}, KL: %{customdata[1]:.3g}<extra></extra>")),
+                row=1, col=j)
+    fig.update_xaxes(title="sparsity (share of Linear weights zeroed)", tickformat=".0%")
+    if log_y and value in ("ppl", "ppl_ratio", "kl"):
+        fig.update_yaxes(type="log")
+    fig.update_yaxes(title={"ppl": "held-out perplexity", "ppl_ratio": "perplexity ratio"}.get(value, value),
+                     row=1, col=1)
+    fig.update_layout(title=f"Pruning the lowest-scored weights: {value} vs sparsity", height=460)
+    if n_gaps:
+        fig.add_annotation(text=f"{n_gaps} point(s) with NaN/inf {value} not drawn", xref="paper", yref="paper",
+                           x=0, y=-0.25, showarrow=False, font=dict(size=11))
+    return fig
+
+
+def _ceiling(values) -> float:
+    """A log-axis height above every finite value, where flips that broke the model are drawn."""
+    finite = [v for v in _finite(values) if v is not None and v > 0]
+    top = max(finite + [1.0])
+    return 10.0 ** (math.ceil(math.log10(top)) + 1)
+
+
+def bitflip_damage(single: pd.DataFrame) -> go.Figure:
+    """Perplexity ratio after flipping one bit of each selector's top-N weights, one bar per bit position.
+    Flips that made the perplexity NaN/inf are drawn hatched at the top of the axis and labelled 'broken'."""
+    t = single.copy()
+    t["label"] = t["selector"] + " #" + t["rank"].astype(str)
+    ceil = _ceiling(t["ppl_ratio"])
+    fig = go.Figure()
+    bits = sorted(set(zip(t["bit"], t["bit_kind"])), reverse=True)
+    for i, (bit, kind) in enumerate(bits):
+        d = t[t["bit"] == bit]
+        y = _finite(d["ppl_ratio"])
+        broken = [v is None for v in y]
+        at = [f"[{r}, {c}]" if not pd.isna(c) else f"[{r}]" for r, c in zip(d["row"], d["col"])]
+        fig.add_trace(go.Bar(
+            x=d["label"], y=[ceil if b else v for v, b in zip(y, broken)], name=f"bit {bit} ({kind})",
+            marker=dict(color=PALETTE[i % len(PALETTE)], pattern=dict(shape=["x" if b else "" for b in broken])),
+            text=["broken" if b else "" for b in broken], textposition="inside",
+            customdata=np.stack([d["param"] + np.array(at, dtype=object), d["value_before"].astype(float),
+                                 d["value_after"].astype(float), d["ppl"].astype(float), d["kl"].astype(float)], axis=1),
+            hovertemplate=(f"<b>%{{x}}</b> bit {bit} ({kind})<br>%{{customdata[0]}}<br>"
+                           "value %{customdata[1]:.4g} → %{customdata[2]:.4g}<br>ppl %{customdata[3]:.5g} "
+                           "(ratio %{y:.4g}), KL %{customdata[4]:.3g}<extra></extra>")))
+    fig.update_yaxes(type="log", title="held-out perplexity ratio (flipped / intact)")
+    fig.update_xaxes(title="selector #rank (its rank-th weight)", tickangle=-40)
+    fig.update_layout(barmode="group", title="One flipped bit: damage per weight and bit position", height=480)
+    return fig
+
+
+def flips_to_break_bars(breaks: pd.DataFrame) -> go.Figure:
+    """Flips it takes to break the model (ppl ≥ factor × base): each selector's single flips applied in damage
+    order, against random weights at random bit positions (bar: median over draws, points: each draw).
+    A run still unbroken after all its flips is drawn at that count, hatched and labelled '> n'."""
+    fig = go.Figure()
+    damage = breaks[breaks["order"] == "damage"]
+    rnd = breaks[breaks["order"] != "damage"]
+    kind_color = {"metric": PALETTE[0], "baseline": PALETTE[7], "combined": PALETTE[3]}
+
+    def height(r):
+        return (int(r["n_flips"]), str(int(r["n_flips"]))) if not pd.isna(r["n_flips"]) else \
+            (int(r["n_available"]), f"> {int(r['n_available'])}")
+
+    if len(damage):
+        hs = [height(r) for _, r in damage.iterrows()]
+        labels = ["all selectors" if s == "all" else s for s in damage["selector"]]
+        fig.add_trace(go.Bar(
+            x=labels, y=[h[0] for h in hs], text=[h[1] for h in hs], textposition="outside",
+            name="top weights' flips, most damaging first",
+            marker=dict(color=[kind_color.get(k, PALETTE[0]) for k in damage["kind"]],
+                        pattern=dict(shape=["/" if t.startswith(">") else "" for _, t in hs])),
+            customdata=np.stack([damage["n_available"], damage["ppl_at"].astype(float),
+                                 damage["ppl_before"].astype(float)], axis=1),
+            hovertemplate=("<b>%{x}</b>: %{text} flips (of %{customdata[0]} available)<br>ppl %{customdata[2]:.5g}"
+                           " → %{customdata[1]:.5g}<extra></extra>")))
+    if len(rnd):
+        hs = [height(r) for _, r in rnd.iterrows()]
+        unbroken = [t.startswith(">") for _, t in hs]
+        n = np.array([np.inf if u else h for (h, _), u in zip(hs, unbroken)], dtype=float)
+        med = float(np.median(n))
+        cap = int(rnd["n_available"].max())
+        label = "random weights, random bits"
+        fig.add_trace(go.Bar(x=[label], y=[min(med, cap)], name=f"median of {len(rnd)} random draws",
+                             text=[f"> {cap}" if not math.isfinite(med) else f"{med:g}"], textposition="outside",
+                             marker=dict(color=PALETTE[1], pattern=dict(shape=["/" if not math.isfinite(med) else ""])),
+                             hovertemplate=f"median over draws: %{{text}} flips<extra>{label}</extra>"))
+        fig.add_trace(go.Scatter(x=[label] * len(rnd), y=[h for h, _ in hs], mode="markers", name="each random draw",
+                                 marker=dict(color="#222222", size=8, symbol=["triangle-up" if u else "circle"
+                                                                               for u in unbroken]),
+                                 customdata=np.stack([rnd["draw"], [t for _, t in hs]], axis=1),
+                                 hovertemplate="draw %{customdata[0]}: %{customdata[1]} flips<extra></extra>"))
+    factor = breaks["factor"].iloc[0] if len(breaks) else float("nan")
+    fig.update_yaxes(type="log", title="bit flips until ppl ≥ factor × base")
+    fig.update_layout(title=f"Flips to break the model (ppl ≥ {factor:g}× base): critical weights vs random",
+                      height=460, showlegend=True)
+    return fig

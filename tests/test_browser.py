@@ -26,7 +26,7 @@ def _run(args, tmp_path, name):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("phase", ["01_sensitivity", "03_perturbation", "05_token_explorer"])
+@pytest.mark.parametrize("phase", ["01_sensitivity", "03_perturbation", "05_token_explorer", "06_applications"])
 def test_plotly_figures_draw(tiny_report, tmp_path, phase):
     page = tiny_report / f"{phase}.html"
     nb = nbformat.read(tiny_report / f"{phase}.ipynb", as_version=4)

@@ -54,6 +54,31 @@ def test_paired_script_matches(path):
         f"{path.name} and {script.name} differ: run `jupytext --sync notebooks/*.ipynb`"
 
 
+def test_applications_outputs(tiny_report):
+    from critlib.applications import selectors
+    from critlib.freeze import load_masks
+    from critlib.integrity import load_fingerprint
+    sels = set(selectors(["grad_x_weight", "grad_squared", "fisher", "magnitude", "wanda"]))
+    for name in ("quantization", "pruning", "bitflip_single", "bitflip_ranked", "bitflip_break"):
+        df = pd.read_parquet(tiny_report / f"{name}.parquet")
+        assert len(df) and pd.read_csv(tiny_report / f"{name}.csv").shape == df.shape, name
+    q = pd.read_parquet(tiny_report / "quantization.parquet")
+    assert set(q["selector"]) - {"superweights"} == sels | {"none"}
+    pr = pd.read_parquet(tiny_report / "pruning.parquet")
+    assert set(pr["selector"]) == sels | {"none"} and set(pr["mode"]) == {"none", "per_layer", "global"}
+    assert set(pd.read_parquet(tiny_report / "bitflip_single.parquet")["selector"]) == sels
+    # the fingerprint and the freeze masks hold exactly the union of each metric's global top-K of Phase 1
+    top = pd.read_parquet(tiny_report / "top_weights.parquet")
+    top = top[top["scope"] == "global"]
+    want = {(p, int(r), None if pd.isna(c) else int(c)) for p, r, c in zip(top["param"], top["row"], top["col"])}
+    fp = load_fingerprint(tiny_report / "critical_fingerprint.json")
+    assert {(c["param"], c["row"], c["col"]) for c in fp["critical"]} == want
+    masks = load_masks(tiny_report / "freeze_masks.safetensors")
+    assert sum(int(m.sum()) for m in masks.values()) == len(want)
+    m6 = json.loads((tiny_report / "manifest_06_applications.json").read_text())
+    assert m6["protection"]["n_critical"] == len(want) and m6["protection"]["n_changed"] == 1
+
+
 def test_executed_notebooks_ran_every_cell(tiny_report):
     for p in PHASES:
         nb = nbformat.read(tiny_report / f"{p.key}.ipynb", as_version=4)
@@ -85,7 +110,7 @@ def test_phase_outputs(tiny_report):
     assert len(tok) == 49152 and tok["token_id"].tolist() == list(range(49152))
     for p in PHASES:
         assert (tiny_report / "headlines" / f"{p.key}.json").is_file()
-    for key in ("02_cross_metric", "03_perturbation", "04_super_weights"):
+    for key in ("02_cross_metric", "03_perturbation", "04_super_weights", "06_applications"):
         m = json.loads((tiny_report / f"manifest_{key}.json").read_text())
         assert m["phase1_from_cache"] is True, f"{key} rescored Phase 1 instead of using the run's cache"
         assert m["params"]["output_dir"] == str(tiny_report)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -88,6 +89,24 @@ def test_headlines_match_the_files(tiny_report):
         pytest.approx(at["ppl_ratio_mean"].iloc[0], abs=1e-4)
     sw = json.loads((tiny_report / "superweights.json").read_text())
     assert h["04_super_weights"]["super weights found"] == len(sw["super_weights"])
+    h6 = h["06_applications"]
+    q = pd.read_parquet(tiny_report / "quantization.parquet")
+    q = q[q["bits"] == q["bits"].min()]
+    none = q[(q["selector"] == "none") & (q["keep_percent"] == 0)]["ppl_ratio"].iloc[0]
+    assert h6[f"{q['bits'].min()}-bit quantization, no outliers kept: ppl ratio"] == pytest.approx(none, abs=1e-4)
+    pr = pd.read_parquet(tiny_report / "pruning.parquet")
+    for mode in ("per_layer", "global"):
+        at = pr[(pr["mode"] == mode) & (pr["sparsity"] == pr["sparsity"].max())]
+        best = at[at["kind"] == "metric"].sort_values("ppl_ratio").iloc[0]
+        what = f"{pr['sparsity'].max():.0%} pruned ({mode})"
+        assert h6[f"{what}, best metric ({best['selector']}): ppl ratio"] == pytest.approx(best["ppl_ratio"], abs=1e-4)
+        for sel in ("magnitude", "random"):
+            v = at[at["selector"] == sel]["ppl_ratio"].iloc[0]
+            assert h6[f"{what}, {sel}: ppl ratio"] == pytest.approx(v, abs=1e-4)
+    b = pd.read_parquet(tiny_report / "bitflip_break.parquet")
+    rnd = b[b["order"] == "random_bits"]["n_flips"].astype("float64").fillna(float("inf"))
+    label = f"flips to break, random weights and bits (median of {len(rnd)} draws)"
+    assert h6[label] == (float(np.median(rnd)) if np.isfinite(np.median(rnd)) else f"> {int(b['n_available'].max())}")
     index = (tiny_report / "index.html").read_text()
     assert "held-out perplexity" in index and "super weights found" in index
 
