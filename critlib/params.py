@@ -67,6 +67,8 @@ class Params:
     stability_data: str = "alt"
     # Phase 3 report: held-out windows the dose-response evaluates on (0 = all n_heldout), for time budgets
     perturb_heldout: int = 0
+    # Phase 6 report: held-out windows quantization and pruning evaluate on (0 = all n_heldout), for time budgets
+    applications_heldout: int = 0
     # Phase 5 token explorer: tokens pre-rendered in the static HTML (top tokens by row score)
     token_explorer_top: int = 30
 
@@ -117,6 +119,9 @@ class Params:
         if not 0 <= int(self.perturb_heldout) <= self.n_heldout:
             raise CritlibError(f"perturb_heldout={self.perturb_heldout} must lie in [0, n_heldout={self.n_heldout}] "
                                "(0 = all held-out windows)")
+        if not 0 <= int(self.applications_heldout) <= self.n_heldout:
+            raise CritlibError(f"applications_heldout={self.applications_heldout} must lie in [0, n_heldout="
+                               f"{self.n_heldout}] (0 = all held-out windows)")
         if int(self.token_explorer_top) < 1:
             raise CritlibError(f"token_explorer_top={self.token_explorer_top} must be ≥ 1")
 

@@ -344,12 +344,16 @@ APPLICATION_TABLES = ("quantization", "pruning", "bitflip_single", "bitflip_rank
 def applications_phase(ctx: Context, p1: Phase1 | None, outdir: str | Path, progress: bool = True) -> dict:
     """Quantization with kept outliers, pruning and bit flips per selector against the magnitude and random
     baselines (critlib.applications). Super weights, found data-free as in Phase 4, add the super-weight-aware
-    quantization points. With Phase 1, also `protect_critical`. Writes each table (parquet + csv), a manifest
+    quantization points. Quantization and pruning evaluate on the first `applications_heldout` held-out windows
+    (0: all), bit flips on the first `bitflip_eval_windows`. With Phase 1, also `protect_critical`. Writes each table (parquet + csv), a manifest
     and the headline numbers."""
     from .applications import run_applications
     from .quantize import linear_weights
     from .superweights import default_prompt_ids, find_super_weights
     outdir = Path(outdir)
+    n = ctx.params.applications_heldout
+    if n and n < len(ctx.windows.heldout):
+        ctx = dataclasses.replace(ctx, windows=dataclasses.replace(ctx.windows, heldout=ctx.windows.heldout[:n]))
     model = ctx.loaded.model
     with ctx.timer.stage("super_weight_detection"):
         found = find_super_weights(model, default_prompt_ids(ctx.loaded.tokenizer))
@@ -372,7 +376,7 @@ def applications_phase(ctx: Context, p1: Phase1 | None, outdir: str | Path, prog
         "bitflip_eval_windows": min(ctx.params.bitflip_eval_windows, len(ctx.windows.heldout)),
         "phase1_from_cache": getattr(p1, "from_cache", None), **extra}))
     write_headline(outdir, "06_applications", items)
-    return dict(tables, super_weights=sw, protection=prot)
+    return dict(tables, super_weights=sw, protection=prot, heldout_windows=len(ctx.windows.heldout))
 
 
 def _ratio(v) -> float | str:

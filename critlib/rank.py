@@ -9,11 +9,30 @@ from __future__ import annotations
 import torch
 
 
+def _prefilter(x: torch.Tensor, k: int) -> torch.Tensor | None:
+    """Indices of a small superset of the top-k of float32 `x`: every element whose order-preserving bit
+    key falls in the bins (top 16 bits) that hold the k largest. None when it would not help."""
+    bits = x.view(torch.int32)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # monotone in the float value, negatives included
+    hi = (key >> 16) + 32768
+    counts = torch.bincount(hi, minlength=65536)
+    from_top = torch.cumsum(counts.flip(0), 0)
+    b = 65535 - int(torch.searchsorted(from_top, torch.tensor([k], device=x.device)))
+    if b == 32768 or int(from_top[65535 - b]) > x.numel() // 4:  # -0.0 (bin 32767) would tie +0.0; or no gain
+        return None
+    return (hi >= b).nonzero().flatten()
+
+
 def topk_exact(x: torch.Tensor, k: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of a 1-D tensor as (values desc, indices + offset); among equal values the lowest index wins."""
     k = min(k, x.numel())
     if k == 0:
         return x.new_empty(0), torch.empty(0, dtype=torch.long, device=x.device)
+    if x.dtype == torch.float32 and x.is_contiguous() and x.numel() >= max(1 << 16, 64 * k):
+        sub = _prefilter(x, k)
+        if sub is not None:  # every element outside `sub` is strictly smaller than all of the k-th bin
+            v, i = topk_exact(x[sub], k)
+            return v, sub[i] + offset
     vals, idx = torch.topk(x, k, sorted=False)
     kth = vals.min()
     if int((x == kth).sum()) == int((vals == kth).sum()):  # no tie left out: topk's set is the answer

@@ -45,7 +45,7 @@ r6 = phases.applications_phase(ctx, p1, out)
 ref = r6["pruning"][r6["pruning"]["kind"] == "reference"]
 sw = r6["super_weights"]
 display(Markdown(
-    f"Unperturbed held-out perplexity {ref['ppl'].iloc[0]:.5g} over {len(ctx.windows.heldout)} windows of "
+    f"Unperturbed held-out perplexity {ref['ppl'].iloc[0]:.5g} over {r6['heldout_windows']} windows of "
     f"{P.seq_len} tokens (bit flips: the first {min(P.bitflip_eval_windows, len(ctx.windows.heldout))}). "
     f"Selectors: {', '.join(selectors(P.metrics))}. "
     + (f"Super weights found (kept in the super-weight-aware quantization): "

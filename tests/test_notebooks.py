@@ -77,6 +77,7 @@ def test_applications_outputs(tiny_report):
     assert sum(int(m.sum()) for m in masks.values()) == len(want)
     m6 = json.loads((tiny_report / "manifest_06_applications.json").read_text())
     assert m6["protection"]["n_critical"] == len(want) and m6["protection"]["n_changed"] == 1
+    assert m6["heldout_windows"] == 2  # applications_heldout: 2
 
 
 def test_executed_notebooks_ran_every_cell(tiny_report):

@@ -86,3 +86,20 @@ def test_sensitivity_round_trips_through_a_safe_file(tmp_path, windows):
     for m in res.metrics:
         assert back.global_top(m) == res.global_top(m) and back.global_bottom(m, 4) == res.global_bottom(m, 4)
     assert back.stats == res.stats and back.parts == res.parts and back.gathered == res.gathered
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "negative", "zeros", "signed_zeros"])
+def test_prefiltered_topk_equals_full_sort(kind):
+    """Large float32 inputs take the bit-histogram prefilter; it must not change the answer."""
+    g = torch.Generator().manual_seed(7)
+    n = 300_000
+    x = {"normal": torch.randn(n, generator=g),
+         "ties": torch.randint(0, 50, (n,), generator=g).float() * 0.25,
+         "negative": -torch.rand(n, generator=g),
+         "zeros": torch.where(torch.rand(n, generator=g) < 0.999, torch.tensor(-0.0), torch.tensor(0.0)),
+         "signed_zeros": torch.cat([torch.full((n // 2,), -0.0), torch.zeros(50), -torch.rand(n // 2, generator=g)])}[kind]
+    for k in (1, 100, 3000):
+        v, i = topk_exact(x, k)
+        ref = full_sort(x.numpy())[:k]
+        assert i.tolist() == ref.tolist(), (kind, k)
+        assert torch.equal(v, x[ref])
