@@ -85,7 +85,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     mp.spawn(_worker, args=(_free_port(), out), nprocs=2, join=True)
     ref_scores, ref_tops, ref_stats = _run(tiny("tiny-llama"), _windows())
     for rank in (0, 1):
-        got = torch.load(f"{out}.{rank}")
+        got = torch.load(f"{out}.{rank}", weights_only=True)
         assert got["scores"].keys() == ref_scores.keys()
         for key, ref in ref_scores.items():
             torch.testing.assert_close(got["scores"][key], ref, rtol=1e-5, atol=1e-10, msg=str(key))
