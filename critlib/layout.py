@@ -85,7 +85,7 @@ def component_at(parts: list[Part], row: int, col: int | None) -> str:
     return "other"
 
 
-def is_token_matrix(name: str, model=None) -> bool:
+def is_token_matrix(name: str) -> bool:
     """True for the token embedding and lm_head matrices, whose rows are tokens."""
     mod = _module_path(name)
     return bool(re.search(r"(embed_tokens|wte|embed_in|word_embeddings|lm_head|embed_out)$", mod))
