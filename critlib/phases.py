@@ -90,6 +90,15 @@ def outdir_of(params: Params, namespace: dict | None = None) -> Path:
     return out
 
 
+def start(namespace: dict) -> tuple[Params, Context, Path]:
+    """Every notebook's first step: the Params of its `parameters` cell, figures set up, the model and
+    data loaded, and the folder it writes to."""
+    from .viz import setup
+    params = params_from(namespace)
+    setup()
+    return params, prepare(params), outdir_of(params, namespace)
+
+
 # ---------------------------------------------------------------- headlines
 
 def write_headline(outdir: str | Path, key: str, items: list[tuple[str, object]] | dict) -> None:
@@ -165,9 +174,8 @@ def _load_cache(path: Path, key: str):
 def sensitivity(ctx: Context, outdir: str | Path, progress: bool = True, write: bool = True) -> Phase1:
     """Phase 1 scores (from the run's cache when its key matches), the top-weights table and the unperturbed
     held-out evaluation; with `write`, the files of `critlib score` plus the figures' tables."""
-    from .evaluate import evaluate
-    from .models import DTYPES
-    from .sensitivity import analyze, cross_metric, top_weights_table
+    from .pipeline import heldout_baseline, run_sensitivity, write_phase1
+    from .sensitivity import top_weights_table
     outdir = Path(outdir)
     p = ctx.params
     cache = outdir / "cache" / "phase1.pt"
@@ -176,21 +184,14 @@ def sensitivity(ctx: Context, outdir: str | Path, progress: bool = True, write: 
     if hit is not None:
         sens, heldout = hit["sens"], hit["heldout"]
     else:
-        with ctx.timer.stage("scores"):
-            sens = analyze(ctx.loaded.model, ctx.windows.score, p.metrics, p.topk_global, p.topk_per_layer,
-                           p.batch_size, p.exact_stats, p.chunk_size, DTYPES[p.fisher_dtype], progress,
-                           bottomk=_bottomk(p))
-        with ctx.timer.stage("heldout_eval"):
-            heldout = evaluate(ctx.loaded.model, ctx.windows.heldout, p.batch_size) if len(ctx.windows.heldout) \
-                else {}
+        sens = run_sensitivity(ctx, progress, bottomk=_bottomk(p))
+        heldout = heldout_baseline(ctx)
         sens.save(cache, {"key": key, "heldout": heldout})
     with ctx.timer.stage("tables"):
         table = top_weights_table(sens, ctx.loaded.model, ctx.loaded.tokenizer)
     if write:
         from .viz import cells_frame, log_histogram
-        write_table(outdir / "top_weights", table)
-        write_json(outdir / "sensitivity_stats.json", {"metrics": sens.stats, "cross_metric": cross_metric(sens),
-                                                        "unscored": sens.unscored, "heldout": heldout})
+        write_phase1(outdir, sens, table, heldout)
         write_table(outdir / "layer_component", cells_frame(sens))
         hist = []
         for m, (counts, _) in sens.hist.items():

@@ -49,12 +49,27 @@ def prepare(params: Params, timer: Timer | None = None) -> Context:
     return Context(params, loaded, windows, timer)
 
 
-def run_sensitivity(ctx: Context, progress: bool = True) -> Sensitivity:
+def run_sensitivity(ctx: Context, progress: bool = True, bottomk: int = 0) -> Sensitivity:
     p = ctx.params
     with ctx.timer.stage("scores"), memory_saving(ctx.loaded.model, p.gradient_checkpointing,
                                                   p.sparse_embedding_grad):
         return analyze(ctx.loaded.model, ctx.windows.score, p.metrics, p.topk_global, p.topk_per_layer,
-                       p.batch_size, p.exact_stats, p.chunk_size, DTYPES[p.fisher_dtype], progress)
+                       p.batch_size, p.exact_stats, p.chunk_size, DTYPES[p.fisher_dtype], progress,
+                       bottomk=bottomk)
+
+
+def heldout_baseline(ctx: Context) -> dict:
+    """The unchanged model on the held-out windows ({} when there are none)."""
+    with ctx.timer.stage("heldout_eval"):
+        return evaluate(ctx.loaded.model, ctx.windows.heldout, ctx.params.batch_size) \
+            if len(ctx.windows.heldout) else {}
+
+
+def write_phase1(outdir: Path, result: Sensitivity, table, heldout: dict) -> None:
+    """`top_weights.{parquet,csv}` and `sensitivity_stats.json`, each atomically."""
+    write_table(outdir / "top_weights", table)
+    write_json(outdir / "sensitivity_stats.json", {"metrics": result.stats, "cross_metric": cross_metric(result),
+                                                    "unscored": result.unscored, "heldout": heldout})
 
 
 def manifest(ctx: Context, extra: dict | None = None) -> dict:
@@ -76,15 +91,10 @@ def score(params: Params, outdir: str | Path | None = None, progress: bool = Tru
     result = run_sensitivity(ctx, progress and is_main())
     if not is_main():  # data-parallel ranks all hold the same result: rank 0 evaluates and writes
         return outdir
-    with ctx.timer.stage("heldout_eval"):
-        base = evaluate(ctx.loaded.model, ctx.windows.heldout, params.batch_size) if len(ctx.windows.heldout) \
-            else {}
+    base = heldout_baseline(ctx)
     with ctx.timer.stage("tables"):
         table = top_weights_table(result, ctx.loaded.model, ctx.loaded.tokenizer)
-        stats = {"metrics": result.stats, "cross_metric": cross_metric(result),
-                 "unscored": result.unscored, "heldout": base}
     with ctx.timer.stage("write"):
-        write_table(outdir / "top_weights", table)
-        write_json(outdir / "sensitivity_stats.json", stats)
+        write_phase1(outdir, result, table, base)
     write_json(outdir / "manifest.json", manifest(ctx, {"distributed": describe()}))
     return outdir

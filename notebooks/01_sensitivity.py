@@ -28,10 +28,7 @@ from IPython.display import Markdown, display
 
 from critlib import phases, viz
 
-P = phases.params_from(globals())
-viz.setup()
-ctx = phases.prepare(P)
-out = phases.outdir_of(P, globals())
+P, ctx, out = phases.start(globals())
 p1 = phases.sensitivity(ctx, out)
 sens = p1.sens
 display(Markdown(f"**Model** `{P.model}` ({ctx.loaded.info.get('n_params', 0):,} parameters, {P.dtype}), "

@@ -25,10 +25,7 @@ from IPython.display import Markdown, display
 
 from critlib import agreement, phases, viz
 
-P = phases.params_from(globals())
-viz.setup()
-ctx = phases.prepare(P)
-out = phases.outdir_of(P, globals())
+P, ctx, out = phases.start(globals())
 p1 = phases.sensitivity(ctx, out, write=False)
 sens = p1.sens
 r2 = phases.cross_metric_phase(ctx, p1, out)

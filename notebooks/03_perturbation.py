@@ -26,10 +26,7 @@ from IPython.display import Markdown, display
 
 from critlib import phases, viz
 
-P = phases.params_from(globals())
-viz.setup()
-ctx = phases.prepare(P)
-out = phases.outdir_of(P, globals())
+P, ctx, out = phases.start(globals())
 p1 = phases.sensitivity(ctx, out, write=False)
 r3 = phases.perturbation_phase(ctx, p1, out)
 base = r3["baseline"]

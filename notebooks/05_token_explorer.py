@@ -27,10 +27,7 @@ from IPython.display import Markdown, display
 
 from critlib import phases, viz
 
-P = phases.params_from(globals())
-viz.setup()
-ctx = phases.prepare(P)
-out = phases.outdir_of(P, globals())
+P, ctx, out = phases.start(globals())
 ts = phases.token_explorer_phase(ctx, out)
 metric, role = ts.metrics[0], next(iter(ts.roles))
 display(Markdown(f"{ts.vocab_size:,} tokens; rows: " + ", ".join(f"{r} = `{n}`" for r, n in ts.roles.items())))

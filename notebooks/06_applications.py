@@ -36,10 +36,7 @@ from IPython.display import Markdown, display
 from critlib import phases, viz
 from critlib.applications import selectors
 
-P = phases.params_from(globals())
-viz.setup()
-ctx = phases.prepare(P)
-out = phases.outdir_of(P, globals())
+P, ctx, out = phases.start(globals())
 p1 = phases.sensitivity(ctx, out, write=False)
 r6 = phases.applications_phase(ctx, p1, out)
 ref = r6["pruning"][r6["pruning"]["kind"] == "reference"]
