@@ -13,9 +13,14 @@ after --warmup runs. Stages:
   onepass   critlib.analyze, one metric, exact_stats=False: one gradient pass; the time spent in ranking and
             statistics (TopK.add, Stats.add, per-cell sums) is measured inside the run
   twopass   the same with exact_stats=True (pass 2 pins exact percentiles)
+  onepass_lowmem  onepass with gradient_checkpointing and sparse_embedding_grad
   fisher    critlib.analyze with metric fisher (one backward per sequence), one pass
   phase1    `critlib score` end to end (load, two passes, held-out eval, tables, files written)
   phase1_lowmem  the same with gradient_checkpointing and sparse_embedding_grad
+  digest    no model pass: every weight with a random gradient of its shape, scored, ranked and summarised
+            (i) by plain torch (score, per-tensor torch.topk, per-tensor moments), (ii) by critlib's path
+            (score tensor, critlib.rank.TopK, critlib.stats.Stats), (iii) by the fused kernel
+            (critlib.kernels.fused: one read of weight and gradient), against the time of one read of both
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("plain", "onepass", "twopass", "fisher", "phase1", "phase1_lowmem")
+STAGES = ("plain", "onepass", "onepass_lowmem", "twopass", "fisher", "phase1", "phase1_lowmem", "digest")
 
 
 def _reset_peak(dev) -> None:
@@ -114,6 +119,12 @@ def worker(args) -> dict:
     rec["rss_after_load"] = _rss()
     k, kt = args.topk_global, args.topk_per_layer
     _reset_peak(dev)
+    if stage == "digest":
+        return _digest(args, rec, params, dev, k, kt)
+    if stage == "fisher" and args.fisher_batch:
+        ids = torch.randint(0, vocab, (args.fisher_batch, args.seq_len),
+                            generator=torch.Generator().manual_seed(0)).to(dev)
+        rec["fisher_sequences"] = args.fisher_batch
     if stage == "plain":
         n_total = ids.shape[0] * (ids.shape[1] - 1)
 
@@ -178,16 +189,20 @@ def worker(args) -> dict:
                 spent["rank_stats_cpu_s"] += time.process_time() - c0
         return run
 
-    originals = {name: getattr(sensitivity, name) for name in ("_feed", "_add_cells") if hasattr(sensitivity, name)}
+    originals = {name: getattr(sensitivity, name) for name in ("_feed",) if hasattr(sensitivity, name)}
     topk_add = sensitivity.TopK.add
     for name, fn in originals.items():
         setattr(sensitivity, name, timing(fn))
     sensitivity.TopK.add = timing(topk_add)
 
+    from critlib.scores import memory_saving
+    low = stage.endswith("_lowmem")
+
     def run():
         spent["rank_stats_s"] = spent["rank_stats_cpu_s"] = 0.0
-        sensitivity.analyze(model, ids, [metric], topk_global=k, topk_per_layer=kt, batch_size=args.batch,
-                            exact_stats=stage == "twopass", chunk_size=args.chunk, progress=False)
+        with memory_saving(model, checkpointing=low, sparse_embedding=low):
+            sensitivity.analyze(model, ids, [metric], topk_global=k, topk_per_layer=kt, batch_size=ids.shape[0],
+                                exact_stats=stage == "twopass", chunk_size=args.chunk, progress=False)
         return spent["rank_stats_s"]
 
     rec["analyze_s"], rec["analyze_runs"], _ = _timed(run, dev, args.warmup, args.repeats, "analyze")
@@ -195,6 +210,50 @@ def worker(args) -> dict:
     rec["rank_stats_cpu_s"] = spent["rank_stats_cpu_s"]
     rec["cpu_s"] = dict(CPU_S)
     rec["peak"] = _peak(dev)
+    return rec
+
+
+def _digest(args, rec: dict, params, dev, k: int, kt: int) -> dict:
+    import torch
+
+    from critlib.kernels import fused
+    from critlib.rank import TopK
+    from critlib.stats import Stats
+    gen = torch.Generator(device=dev).manual_seed(1)
+    grads = [torch.randn(p.shape, generator=gen, device=dev, dtype=torch.float32).to(p.dtype) * 1e-3
+             for _, p in params]
+    kc = max(k, kt)
+
+    def read_both():
+        return [(p.detach().sum(), g.sum()) for (_, p), g in zip(params, grads)]
+
+    def plain():
+        out = []
+        for (_, p), g in zip(params, grads):
+            s = (g.float() * p.detach().float()).abs_().reshape(-1)
+            out.append((torch.topk(s, min(kc, s.numel())), s.mean(), s.std(), s.min(), s.max()))
+        return out
+
+    def critlib_path():
+        top, st = TopK(kc, args.chunk), Stats(args.chunk)
+        for (n, p), g in zip(params, grads):
+            s = (g.float() * p.detach().float()).abs_()
+            top.add(n, s)
+            st.add(["global"], s)
+        top.global_topk(k, [n for n, _ in params])
+        return st.summary()
+
+    def kernel():
+        return [fused(p.detach(), g, "grad_x_weight", kc, chunk=args.chunk if dev.type == "cuda" else 1 << 22)
+                for (_, p), g in zip(params, grads)]
+
+    for name, fn in (("read_weights_and_grads", read_both), ("plain_score_topk_moments", plain),
+                     ("critlib_score_topk_stats", critlib_path), ("fused_kernel", kernel)):
+        if name == "fused_kernel" and dev.type != "cuda" and not args.kernel_on_cpu:
+            continue
+        rec[name + "_s"], _, _ = _timed(fn, dev, args.warmup, args.repeats, name)
+    rec["peak"] = _peak(dev)
+    rec["cpu_s"] = dict(CPU_S)
     return rec
 
 
@@ -256,10 +315,13 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--heldout", type=int, default=0, help="held-out windows in the phase1 stages")
     ap.add_argument("--metric", default="grad_x_weight")
+    ap.add_argument("--fisher-batch", type=int, default=0, help="sequences of the fisher stage (default: --batch)")
+    ap.add_argument("--kernel-on-cpu", action="store_true", help="digest: time the fused kernel's torch path too")
+    ap.add_argument("--timeout", type=float, default=0, help="seconds per stage (0: none)")
     ap.add_argument("--params", default=None, help="params YAML for --model default (e.g. params/default.yaml)")
     ap.add_argument("--topk-global", type=int, default=1000)
     ap.add_argument("--topk-per-layer", type=int, default=100)
-    ap.add_argument("--chunk", type=int, default=1 << 22)
+    ap.add_argument("--chunk", type=int, default=1 << 30)
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
@@ -271,13 +333,15 @@ def main() -> None:
     if args.worker:
         print("BENCH " + json.dumps(worker(args)))
         return
-    from critlib.manifest import host, versions
     records = []
     for stage in args.stages.split(","):
         cmd = [sys.executable, __file__, "--worker", stage] + [a for a in sys.argv[1:]]
         t = time.perf_counter()
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                              env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
+        try:
+            done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout or None,
+                                  env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
+        except subprocess.TimeoutExpired:
+            done = subprocess.CompletedProcess(cmd, -9, "", f"stage ran past --timeout {args.timeout:g} s")
         line = [ln for ln in done.stdout.splitlines() if ln.startswith("BENCH ")]
         if done.returncode != 0 or not line:
             rec = {"stage": stage, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
@@ -286,7 +350,16 @@ def main() -> None:
         rec["wall_s"] = time.perf_counter() - t
         print(json.dumps(rec), flush=True)
         records.append(rec)
+        if args.out:  # after every stage, so a run cut short keeps what it measured
+            _write(args, records)
+    result = _write(args, records)
+    print(summary(result))
+
+
+def _write(args, records: list) -> dict:
     import torch
+
+    from critlib.manifest import host, versions
     result = {"command": " ".join([Path(sys.executable).name, "bench/bench_phase1.py"] + sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "versions": versions(), "host": host(),
               "cpu_count": os.cpu_count(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
@@ -294,7 +367,7 @@ def main() -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
-    print(summary(result))
+    return result
 
 
 def summary(result: dict) -> str:
@@ -316,6 +389,10 @@ def summary(result: dict) -> str:
                 notes.append(f"concat+topk {r['plain_concat_topk_s']:.2f}s; np.percentile {r['plain_percentiles_s']:.2f}s")
             else:
                 notes.append("concat baselines skipped (do not fit)")
+        elif r["stage"] == "digest":
+            notes.append("; ".join(f"{key[:-2]} {v:.3f}s" for key, v in r.items()
+                                   if key.endswith("_s") and isinstance(v, float) and key not in ("load_s", "wall_s")))
+            t = r.get("critlib_score_topk_stats_s")
         elif "rank_stats_s" in r:
             fb = by.get("plain", {}).get("fwd_bwd_s")
             share = f" = {100 * r['rank_stats_s'] / fb:.1f}% of fwd+bwd" if fb else ""

@@ -32,7 +32,7 @@ def top_sets(sens: Sensitivity, k: int | None = None) -> dict[str, list[Coord]]:
 
 
 def topk_sets(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], k: int, batch_size: int = 8,
-              chunk_size: int = 1 << 22, fisher_dtype: torch.dtype = torch.float32,
+              chunk_size: int = 1 << 30, fisher_dtype: torch.dtype = torch.float32,
               progress: bool = True, desc: str = "top-K") -> dict[str, list[Coord]]:
     """Each metric's exact global top-k on `windows` in one scoring pass (no statistics, no pass 2)."""
     order = [n for n, _ in model.named_parameters()]

@@ -33,7 +33,7 @@ class Params:
     dtype: str = "fp32"
     device: str = "auto"
     exact_stats: bool = True
-    chunk_size: int = 1 << 22
+    chunk_size: int = 1 << 30  # most elements ranked or summarised at once (CPU: at most 2**18, GPU: 2**26)
     fisher_dtype: str = "fp32"
     # scale: memory of the gradient pass (critlib.scores.memory_saving) and placement over devices (accelerate)
     gradient_checkpointing: bool = False

@@ -406,7 +406,7 @@ def select_random(model: torch.nn.Module, k: int, seed: int, params: list[str] |
 
 
 def magnitude_ranking(model: torch.nn.Module, k: int, largest: bool = True, params: list[str] | None = None,
-                      chunk_size: int = 1 << 22) -> list[tuple[str, int, float]]:
+                      chunk_size: int = 1 << 30) -> list[tuple[str, int, float]]:
     """The exact global top-k (or bottom-k) of |w| over `params` (default: every parameter) as
     (param, flat, |w|), in rank order; ties go to the earlier parameter, then the lower flat index."""
     k = _check_k(k)
@@ -422,6 +422,6 @@ def magnitude_ranking(model: torch.nn.Module, k: int, largest: bool = True, para
 
 
 def select_magnitude(model: torch.nn.Module, k: int, largest: bool = True, params: list[str] | None = None,
-                     chunk_size: int = 1 << 22) -> Selection:
+                     chunk_size: int = 1 << 30) -> Selection:
     """The k weights of largest (or smallest) |w|, exactly; see `magnitude_ranking`."""
     return Selection.from_list(magnitude_ranking(model, k, largest, params, chunk_size))

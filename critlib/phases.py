@@ -194,7 +194,7 @@ def sensitivity(ctx: Context, outdir: str | Path, progress: bool = True, write: 
         write_phase1(outdir, sens, table, heldout)
         write_table(outdir / "layer_component", cells_frame(sens))
         hist = []
-        for m, (counts, _) in sens.hist.items():
+        for m, counts in sens.hist.items():
             df, extra = log_histogram(counts.numpy(), per_octave=4)
             hist.append(df.assign(metric=m, zero_or_subnormal=extra["zero_or_subnormal"], total=extra["total"]))
         if hist:

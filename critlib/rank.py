@@ -15,6 +15,8 @@ def _prefilter(x: torch.Tensor, k: int) -> torch.Tensor | None:
     bits = x.view(torch.int32)
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # monotone in the float value, negatives included
     hi = (key >> 16) + 32768
+    if x.device.type != "cpu":
+        hi = hi.long()
     counts = torch.bincount(hi, minlength=65536)
     from_top = torch.cumsum(counts.flip(0), 0)
     b = 65535 - int(torch.searchsorted(from_top, torch.tensor([k], device=x.device)))
@@ -51,14 +53,51 @@ def sort_candidates(values: torch.Tensor, index: torch.Tensor) -> tuple[torch.Te
     return values[order], index[order]
 
 
-def topk_chunked(x: torch.Tensor, k: int, chunk_size: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k of a flattened tensor of any size: top-k of each chunk, then the top-k of their union."""
+BLOCK = 32
+
+
+def _candidates(flat: torch.Tensor, k: int, step: int) -> torch.Tensor | None:
+    """Ascending indices of a small superset of the top-k of `flat`: the elements ≥ τ, the k-th largest
+    maximum of the blocks of BLOCK consecutive elements (k blocks reach τ, so the k-th largest value is ≥ τ),
+    looked for only in the blocks that reach τ. One read of `flat`, in steps of `step` elements (a multiple
+    of BLOCK). None when ties make nearly every block a candidate."""
+    maxima = []
+    for start in range(0, flat.numel(), step):
+        c = flat[start:start + step]
+        full = c.numel() // BLOCK * BLOCK
+        maxima.append(c[:full].view(-1, BLOCK).amax(1))
+        if full < c.numel():
+            maxima.append(c[full:].amax().reshape(1))
+    bm = torch.cat(maxima)
+    tau = torch.topk(bm, k, sorted=False).values.min()
+    blocks = (bm >= tau).nonzero().flatten()
+    if blocks.numel() > bm.numel() // 4:
+        return None
+    idx = (blocks[:, None] * BLOCK + torch.arange(BLOCK, device=flat.device)).reshape(-1)
+    short = -flat.numel() % BLOCK  # lanes past the end, in the last block
+    if short and int(blocks[-1]) == bm.numel() - 1:
+        idx = idx[:-short]
+    return idx[flat[idx] >= tau]
+
+
+def topk_chunked(x: torch.Tensor, k: int, chunk_size: int = 1 << 30) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of a flattened tensor of any size, read in steps of at most `chunk_size` elements (see
+    `critlib.stats.step_for`): block maxima pick the few blocks that can hold a top-k value, and only those
+    are ranked. Where ties defeat that, the top-k of each step are merged."""
+    from .stats import step_for
     flat = x.reshape(-1)
-    if flat.numel() <= chunk_size:
+    n = flat.numel()
+    step = step_for(flat.device, chunk_size)
+    if 0 < k and -(-n // BLOCK) >= 4 * k:
+        idx = _candidates(flat, k, max(BLOCK, step // BLOCK * BLOCK))
+        if idx is not None:  # ascending, so topk_exact's lowest-position tie-break is the lowest index
+            v, i = topk_exact(flat[idx], k)
+            return v, idx[i]
+    if n <= step:
         return topk_exact(flat, k)
     vals, idxs = [], []
-    for start in range(0, flat.numel(), chunk_size):
-        v, i = topk_exact(flat[start:start + chunk_size], k, offset=start)
+    for start in range(0, n, step):
+        v, i = topk_exact(flat[start:start + step], k, offset=start)
         vals.append(v)
         idxs.append(i)
     return merge(torch.cat(vals), torch.cat(idxs), k)
@@ -72,7 +111,7 @@ def merge(values: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tens
 class TopK:
     """Keeps the exact top-k candidates of each tensor it sees; merges them into a global top-k."""
 
-    def __init__(self, k: int, chunk_size: int = 1 << 22):
+    def __init__(self, k: int, chunk_size: int = 1 << 30):
         self.k = k
         self.chunk_size = chunk_size
         self.candidates: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

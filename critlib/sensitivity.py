@@ -41,8 +41,8 @@ class Sensitivity:
     gathered: dict[str, dict[tuple[str, int], float]] = field(default_factory=dict)
     bottom: dict[str, TopK] = field(default_factory=dict)  # candidates of the LOWEST scores, negated
     unscored: dict[str, list[str]] = field(default_factory=dict)
-    # over ALL weights, per metric: (count, float64 sum) in each float32 high-16-bit bin (stats.N_BINS bins)
-    hist: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # over ALL weights, per metric: the count in each float32 high-16-bit bin (stats.N_BINS bins)
+    hist: dict[str, torch.Tensor] = field(default_factory=dict)
     # per metric: (layer, component) -> [count, float64 sum] of the scores of that cell
     cells: dict[str, dict[tuple[int | None, str], list]] = field(default_factory=dict)
 
@@ -99,20 +99,21 @@ def _groups(name: str, parts: list[Part]) -> list[tuple[list[str], Part | None]]
     return [(base, None)] + [([f"component:{p.component}"], p) for p in parts]
 
 
-def _feed(stats: Stats, groups, scores: torch.Tensor) -> None:
+def _feed(stats: Stats, groups, scores: torch.Tensor, cells: dict | None = None, layer: int | None = None) -> None:
+    """Feed each group its scores; in pass 1 also add the (count, float64 sum) of each (layer, component)
+    cell to `cells`, from the sums the statistics compute anyway."""
     for names, part in groups:
         x = scores if part is None else scores.narrow(part.dim, part.start, part.stop - part.start)
-        stats.add(names, x)
+        total = stats.add(names, x)
+        comp = next((n[10:] for n in names if n.startswith("component:")), None)
+        if cells is not None and comp is not None and total is not None:
+            cell = cells.setdefault((layer, comp), [0, []])
+            cell[0] += x.numel()
+            cell[1].append(total)
 
 
-def _add_cells(cells: dict, name: str, parts: list[Part], scores: torch.Tensor) -> None:
-    layer = layer_of(name)
-    for p in parts:
-        x = scores if p.dim is None else scores.narrow(p.dim, p.start, p.stop - p.start)
-        cell = cells.setdefault((layer, p.component), [0, 0.0])
-        cell[0] += x.numel()
-        rows = max(1, (1 << 22) // max(1, x[0].numel())) if x.ndim else 1  # float64 copies of ≤ 4M scores
-        cell[1] += sum(float(c.sum(dtype=torch.float64)) for c in (x.split(rows) if x.ndim else [x]))
+def _settle_cells(cells: dict) -> dict:
+    return {key: [n, float(torch.stack(sums).sum()) if sums else 0.0] for key, (n, sums) in cells.items()}
 
 
 def check_k(model: torch.nn.Module, topk_per_layer: int, topk_global: int) -> None:
@@ -128,7 +129,7 @@ def check_k(model: torch.nn.Module, topk_per_layer: int, topk_global: int) -> No
 
 def analyze(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], topk_global: int = 1000,
             topk_per_layer: int = 100, batch_size: int = 8, exact_stats: bool = True,
-            chunk_size: int = 1 << 22, fisher_dtype: torch.dtype = torch.float32,
+            chunk_size: int = 1 << 30, fisher_dtype: torch.dtype = torch.float32,
             progress: bool = True, bottomk: int = 0, distributed: bool | None = None) -> Sensitivity:
     """Score `windows` by each metric; keep exact top-K (and, with `bottomk`, bottom-K) candidates and
     statistics over every weight. With `distributed` (default: whenever a torch.distributed group of several
@@ -156,15 +157,17 @@ def analyze(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], t
         topk[metric].add(name, s)
         if bottom:
             bottom[metric].add(name, -s)
-        _feed(stats[metric], groups[name], s)
-        _add_cells(cells[metric], name, parts[name], s)
+        _feed(stats[metric], groups[name], s, cells[metric], layer_of(name))
 
     unscored = score_model(model, windows, metrics, emit1, batch_size, fisher_dtype, progress, "pass 1/2",
                            reduce=reduce)
     result = Sensitivity(metrics, order, shapes, parts, topk, {}, topk_global, topk_per_layer,
-                         bottom=bottom, unscored={"wanda": unscored} if unscored else {}, cells=cells)
-    result.hist = {m: (stats[m].groups["global"].hist_count.clone(), stats[m].groups["global"].hist_sum.clone())
-                   for m in metrics if "global" in stats[m].groups}
+                         bottom=bottom, unscored={"wanda": unscored} if unscored else {},
+                         cells={m: _settle_cells(c) for m, c in cells.items()})
+    for m in metrics:
+        if "global" in stats[m].groups:
+            stats[m].groups["global"].settle()
+            result.hist[m] = stats[m].groups["global"].hist_count.clone()
     union: dict[str, list[int]] = {}
     if len(metrics) > 1:
         for m in metrics:

@@ -1,10 +1,15 @@
 """Statistics over ALL scores of a model without holding them: streaming moments plus an exact two-pass
 radix selection for percentiles and top-share.
 
-Scores are non-negative float32, so their bit patterns sort like their values. Pass 1 histograms the top
-16 bits (count and float64 sum per bin); pass 2 histograms the low 16 bits inside only the bins that hold a
-wanted rank, which pins the exact float32 value. Without pass 2 a value is known to within its bin: a
-relative error of at most 2**-7.
+Scores are non-negative float32, so their bit patterns sort like their values. Pass 1 counts the top 16 bits
+of every score (one histogram of N_BINS bins) and keeps count, float64 sum, M2, min and max; pass 2 histograms
+the low 16 bits inside only the bins that hold a wanted rank, which pins the exact float32 value, and sums the
+scores of the bins above the top-share thresholds exactly. Without pass 2 a value is known to within its
+bin, a relative error of at most 2**-7 (top-share takes each bin's values at its midpoint: within 2**-8).
+
+Work stays on the scores' device: nothing is copied to the host until a summary is asked for, so a GPU run
+does not wait on the host once per tensor. On a CPU the scores are read in steps of `CPU_STEP` elements,
+whose float64 and integer temporaries stay in cache instead of being allocated afresh for every tensor.
 """
 
 from __future__ import annotations
@@ -19,24 +24,49 @@ PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9, 99.99)
 TOP_SHARES = (0.0001, 0.001, 0.01)  # fractions of all weights: 0.01%, 0.1%, 1%
 N_BINS = 1 << 15  # the sign bit of a non-negative float is 0: 15 bits remain above the low 16
 APPROX_REL_ERROR = 2.0 ** -7
+CPU_STEP = 1 << 18
+GPU_STEP = 1 << 26  # bounds the temporaries (≤ 8 bytes per element) while keeping launches few
 
 
-def _bits(x: torch.Tensor) -> torch.Tensor:
-    return x.float().contiguous().view(torch.int32)
+def step_for(device: torch.device, chunk_size: int) -> int:
+    """Elements handled at once: `chunk_size`, capped at CPU_STEP on a CPU and GPU_STEP elsewhere."""
+    return max(1, min(chunk_size, CPU_STEP if device.type == "cpu" else GPU_STEP))
 
 
 def _value(bits: int) -> float:
     return float(np.array([bits], dtype=np.int32).view(np.float32)[0])
 
 
-def summarize(x: torch.Tensor, hi: torch.Tensor) -> tuple:
-    """(count, mean, M2, min, max, bin counts, bin sums) of one non-empty chunk, computed once however many
-    groups it feeds."""
+def _midpoints() -> torch.Tensor:
+    b = torch.arange(N_BINS, dtype=torch.int64) << 16
+    lo = b.to(torch.int32).view(torch.float32).double()
+    hi = (b | 0xFFFF).to(torch.int32).view(torch.float32).double()
+    mid = 0.5 * (lo + hi)
+    return torch.where(torch.isfinite(mid), mid, 0.0)  # inf/NaN bit patterns: scores are finite
+
+
+def high_bits(x: torch.Tensor) -> torch.Tensor:
+    """The top 16 bits of float32 `x` as bin numbers: int32 on a CPU (half the traffic), int64 elsewhere
+    (the index type every CUDA kernel accepts)."""
+    hi = x.view(torch.int32) >> 16
+    return hi if x.device.type == "cpu" else hi.long()
+
+
+def summarize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """([count, sum, M2, min, max] as float64, high-16-bit counts) of a non-empty float32 chunk, on its
+    device. Counts are exact to 2**53 and M2 = Σx² − (Σx)²/n is taken per chunk in float64. On CUDA with
+    Triton installed the fused kernel (critlib.kernels) does it in one read."""
+    if x.device.type == "cuda":
+        from .kernels import is_triton_available
+        from .kernels import summarize as fused_summarize
+        if is_triton_available(x.device):
+            return fused_summarize(x)
+    counts = torch.bincount(high_bits(x), minlength=N_BINS)
     x64 = x.double()
-    mean_b = float(x64.mean())
-    m2_b = float((x64 - mean_b).square_().sum())
-    return (x.numel(), mean_b, m2_b, float(x.min()), float(x.max()),
-            torch.bincount(hi, minlength=N_BINS).cpu(), torch.bincount(hi, weights=x64, minlength=N_BINS).cpu())
+    s = x64.sum()
+    m2 = (torch.dot(x64, x64) - s * s / x.numel()).clamp_min_(0)
+    lo, hi_v = torch.aminmax(x)
+    return torch.stack([s.new_full((), x.numel()), s, m2, lo.double(), hi_v.double()]), counts
 
 
 @dataclass
@@ -47,26 +77,36 @@ class Group:
     m2: float = 0.0
     min: float = math.inf
     max: float = -math.inf
+    total: float = 0.0
     hist_count: torch.Tensor = field(default_factory=lambda: torch.zeros(N_BINS, dtype=torch.int64))
-    hist_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(N_BINS, dtype=torch.float64))
+    pending: list[torch.Tensor] = field(default_factory=list)  # [count, sum, M2, min, max] rows, on device
     fine: dict[int, torch.Tensor] = field(default_factory=dict)  # pass 2: hi bin -> low-16-bit counts
+    high_sum: torch.Tensor | None = None  # pass 2: float64 sum per bin, for bins ≥ the lowest top-share bin
 
-    def add(self, x: torch.Tensor, hi: torch.Tensor) -> None:
-        if x.numel():
-            self.merge(*summarize(x, hi))
+    def merge(self, rows: torch.Tensor, counts: torch.Tensor) -> None:
+        """Fold in `summarize` rows ([m, 5] or [5]) and their histogram, without leaving the device."""
+        if self.hist_count.device != counts.device:
+            self.hist_count = self.hist_count.to(counts.device)
+        self.hist_count += counts
+        self.pending.append(rows.reshape(-1, 5))
 
-    def merge(self, n: int, mean_b: float, m2_b: float, lo: float, hi_v: float, hist_count: torch.Tensor,
-              hist_sum: torch.Tensor) -> None:
-        """Fold in the `summarize` of a non-empty chunk (Chan's parallel update of mean and M2)."""
-        delta = mean_b - self.mean
-        total = self.count + n
-        self.mean += delta * n / total
-        self.m2 += m2_b + delta * delta * self.count * n / total
-        self.count = total
-        self.min = min(self.min, lo)
-        self.max = max(self.max, hi_v)
-        self.hist_count += hist_count
-        self.hist_sum += hist_sum
+    def settle(self) -> None:
+        """Move what is pending to the host and fold it in (Chan's parallel update of mean and M2)."""
+        if not self.pending:
+            return
+        r = torch.cat([p.cpu() for p in self.pending]).numpy()
+        self.pending = []
+        n, s = np.append(r[:, 0], self.count), np.append(r[:, 1], self.mean * self.count)
+        m2 = np.append(r[:, 2], self.m2)
+        total = int(n.sum())
+        mean = float(s.sum()) / total
+        keep = n > 0
+        self.m2 = float(m2.sum() + (n[keep] * (s[keep] / n[keep] - mean) ** 2).sum())
+        self.count, self.mean = total, mean
+        self.total += float(r[:, 1].sum())
+        self.min = min(self.min, float(r[:, 3].min()))
+        self.max = max(self.max, float(r[:, 4].max()))
+        self.hist_count = self.hist_count.cpu()
 
     def wanted_ranks(self) -> list[int]:
         n = self.count
@@ -74,46 +114,48 @@ class Group:
         for p in PERCENTILES:
             pos = p / 100 * (n - 1)
             ranks.update((math.floor(pos), math.ceil(pos)))
-        for q in TOP_SHARES:
-            ranks.add(n - _top_count(q, n))
-        return sorted(ranks)
+        return sorted(ranks | set(self.share_ranks()))
+
+    def share_ranks(self) -> list[int]:
+        return [self.count - _top_count(q, self.count) for q in TOP_SHARES]
 
     def _locate(self, rank: int) -> tuple[int, int]:
-        cum = torch.cumsum(self.hist_count, 0)
+        cum = torch.cumsum(self.hist_count.cpu(), 0)
         b = int(torch.searchsorted(cum, torch.tensor([rank]), right=True)[0])
         before = int(cum[b - 1]) if b else 0
         return b, rank - before
 
-    def wanted_bins(self) -> set[int]:
-        return {self._locate(r)[0] for r in self.wanted_ranks()} if self.count else set()
+    def wanted_bins(self) -> list[int]:
+        self.settle()
+        return sorted({self._locate(r)[0] for r in self.wanted_ranks()}) if self.count else []
 
-    def refine(self, lo_by_bin: dict[int, torch.Tensor]) -> None:
-        for b, lo in lo_by_bin.items():
-            if b not in self.fine:
-                self.fine[b] = torch.zeros(1 << 16, dtype=torch.int64)
-            self.fine[b] += torch.bincount(lo, minlength=1 << 16).cpu()
+    def share_floor(self) -> int:
+        """The lowest bin that holds a top-share rank: pass 2 sums every bin from here up."""
+        self.settle()
+        return min(self._locate(r)[0] for r in self.share_ranks()) if self.count else N_BINS
 
     def exact(self) -> bool:
         bins = self.wanted_bins()
-        return bool(bins) and all(b in self.fine and int(self.fine[b].sum()) == int(self.hist_count[b])
-                                  for b in bins)
+        return bool(bins) and self.high_sum is not None and \
+            all(b in self.fine and int(self.fine[b].sum()) == int(self.hist_count[b]) for b in bins)
 
     def value_at(self, rank: int, exact: bool) -> float:
         b, within = self._locate(rank)
         if not exact:
             return 0.5 * (_value(b << 16) + _value((b << 16) | 0xFFFF))
-        cum = torch.cumsum(self.fine[b], 0)
+        cum = torch.cumsum(self.fine[b].cpu(), 0)
         lo = int(torch.searchsorted(cum, torch.tensor([within]), right=True)[0])
         return _value((b << 16) | lo)
 
     def sum_from(self, rank: int, exact: bool) -> float:
         """Sum of the scores at ascending ranks ≥ rank."""
         b, within = self._locate(rank)
-        above = float(self.hist_sum[b + 1:].sum())
-        if not exact:  # assume the bin's values are spread evenly over its count
+        if not exact:  # each bin's values taken at the bin's midpoint
+            mid = _midpoints()
             c = int(self.hist_count[b])
-            return above + float(self.hist_sum[b]) * (c - within) / c
-        fine = self.fine[b]
+            return float((self.hist_count[b + 1:].double() * mid[b + 1:]).sum()) + float(mid[b]) * (c - within)
+        above = float(self.high_sum[b + 1:].sum())
+        fine = self.fine[b].cpu()
         cum = torch.cumsum(fine, 0)
         lo = int(torch.searchsorted(cum, torch.tensor([within]), right=True)[0])
         vals = ((b << 16) | torch.arange(lo + 1, 1 << 16, dtype=torch.int32)).view(torch.float32).double()
@@ -121,11 +163,11 @@ class Group:
         return above + part + (int(cum[lo]) - within) * _value((b << 16) | lo)
 
     def summary(self) -> dict:
+        self.settle()
         n = self.count
         if n == 0:
             return {"count": 0}
         exact = self.exact()
-        total = float(self.hist_sum.sum())
         pct = {}
         for p in PERCENTILES:
             pos = p / 100 * (n - 1)
@@ -134,9 +176,9 @@ class Group:
         shares = {}
         for q in TOP_SHARES:
             r = n - _top_count(q, n)
-            shares[f"{_fmt(q * 100)}%"] = self.sum_from(r, exact) / total if total > 0 else float("nan")
+            shares[f"{_fmt(q * 100)}%"] = self.sum_from(r, exact) / self.total if self.total > 0 else float("nan")
         out = {"count": n, "min": self.min, "max": self.max, "mean": self.mean,
-               "std": math.sqrt(self.m2 / n), "sum": total,
+               "std": math.sqrt(self.m2 / n), "sum": self.total,
                "max_over_mean": self.max / self.mean if self.mean > 0 else float("nan"),
                "percentiles": pct, "top_share": shares, "exact": exact}
         if not exact:
@@ -156,40 +198,70 @@ def _fmt(v: float) -> str:
 class Stats:
     """Statistics of one metric over named groups; each score tensor is fed to all groups it belongs to."""
 
-    def __init__(self, chunk_size: int = 1 << 22):
+    def __init__(self, chunk_size: int = 1 << 30):
         self.groups: dict[str, Group] = {}
         self.chunk_size = chunk_size
-        self._wanted: dict[str, set[int]] | None = None
+        self._plan: dict[str, tuple[list[int], int]] | None = None  # pass 2: group -> (wanted bins, share floor)
+        self._tables: dict = {}
 
-    def add(self, groups: list[str], x: torch.Tensor) -> None:
+    def add(self, groups: list[str], x: torch.Tensor) -> torch.Tensor | None:
+        """Feed the scores `x` to `groups`; returns their float64 sum (a 0-d tensor on x's device) in pass 1."""
         flat = x.detach().reshape(-1)
-        for start in range(0, flat.numel(), self.chunk_size):
-            chunk = flat[start:start + self.chunk_size].float()
-            bits = _bits(chunk)
-            hi = (bits >> 16).long()
-            if self._wanted is None:
-                if chunk.numel():
-                    part = summarize(chunk, hi)
-                    for g in groups:
-                        self.groups.setdefault(g, Group()).merge(*part)
-            else:
-                self._refine(groups, bits, hi)
+        if not flat.numel():
+            return None
+        step = step_for(flat.device, self.chunk_size)
+        if self._plan is not None:
+            self._refine(groups, flat, step)
+            return None
+        rows, counts = [], None
+        for start in range(0, flat.numel(), step):
+            r, c = summarize(flat[start:start + step].float().contiguous())
+            rows.append(r)
+            counts = c if counts is None else counts.add_(c)
+        rows = torch.stack(rows)
+        for g in groups:
+            self.groups.setdefault(g, Group()).merge(rows, counts)
+        return rows[:, 1].sum()
 
     def start_refine(self) -> None:
         """Begin pass 2: from now on `add` collects the fine histograms inside the wanted bins."""
-        self._wanted = {k: g.wanted_bins() for k, g in self.groups.items()}
+        self._plan = {k: (g.wanted_bins(), g.share_floor()) for k, g in self.groups.items()}
 
-    def _refine(self, groups: list[str], bits: torch.Tensor, hi: torch.Tensor) -> None:
-        bins = sorted(set().union(*(self._wanted.get(g, set()) for g in groups)))
-        if not bins:
+    def _table(self, groups: list[str], device: torch.device):
+        """Per set of groups: a lookup of the bins pass 2 keeps, and per group its wanted bins and floor."""
+        key = (tuple(groups), device)
+        if key not in self._tables:
+            keep = torch.zeros(N_BINS, dtype=torch.bool)
+            for g in groups:
+                bins, floor = self._plan[g]
+                keep[bins] = True
+                keep[floor:] = True
+            self._tables[key] = keep.to(device)
+        return self._tables[key]
+
+    def _refine(self, groups: list[str], flat: torch.Tensor, step: int) -> None:
+        groups = [g for g in groups if g in self._plan]
+        if not groups:
             return
-        wanted = torch.zeros(N_BINS, dtype=torch.bool, device=hi.device)  # a lookup table: 7× faster than isin
-        wanted[bins] = True
-        sel = wanted[hi]
-        hi_s, lo_s = hi[sel], (bits[sel] & 0xFFFF).long()
+        keep = self._table(groups, flat.device)
+        kept = []
+        for start in range(0, flat.numel(), step):
+            x = flat[start:start + step].float()
+            sel = keep[high_bits(x)].nonzero().flatten()
+            kept.append(x[sel])
+        x = torch.cat(kept)
+        bits = x.view(torch.int32)
+        hi, lo = (bits >> 16).long(), (bits & 0xFFFF).long()
+        x64 = x.double()
         for g in groups:
-            if g in self._wanted:
-                self.groups[g].refine({b: lo_s[hi_s == b] for b in self._wanted[g]})
+            grp = self.groups[g]
+            bins, floor = self._plan[g]
+            for b in bins:
+                add = torch.bincount(lo[hi == b], minlength=1 << 16)
+                grp.fine[b] = grp.fine[b] + add if b in grp.fine else add
+            up = hi >= floor
+            add = torch.bincount(hi[up], weights=x64[up], minlength=N_BINS)
+            grp.high_sum = add if grp.high_sum is None else grp.high_sum + add
 
     def summary(self) -> dict:
         return {k: g.summary() for k, g in self.groups.items()}

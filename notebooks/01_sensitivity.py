@@ -59,7 +59,7 @@ pd.DataFrame(rows).set_index("metric")
 # weights. A straight CCDF on log-log axes is a power-law tail.
 
 # %%
-hists = {m: sens.hist[m][0].numpy() for m in sens.metrics}
+hists = {m: sens.hist[m].numpy() for m in sens.metrics}
 viz.score_histogram(hists)
 
 # %%

@@ -31,6 +31,8 @@ def _np_scores(w, g, metric):
         return np.abs(g32 * w32)
     if metric == "grad_squared":
         return g32 * g32
+    if metric == "score":
+        return w32
     return np.abs(w32)
 
 
@@ -42,8 +44,7 @@ def _brute(s, block):
     return {"count": np.array([len(b) for b in blocks]), "sum": np.array([b.sum() for b in blocks]),
             "m2": np.array([((b - b.mean()) ** 2).sum() for b in blocks]),
             "min": np.array([b.min() for b in blocks]), "max": np.array([b.max() for b in blocks]),
-            "hist_count": np.bincount(hi, minlength=N_BINS),
-            "hist_sum": np.bincount(hi, weights=s.astype(np.float64), minlength=N_BINS)}
+            "hist_count": np.bincount(hi, minlength=N_BINS)}
 
 
 def _sorted_topk(s, k):
@@ -53,15 +54,17 @@ def _sorted_topk(s, k):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("metric", ["grad_x_weight", "grad_squared", "magnitude"])
+@pytest.mark.parametrize("metric", ["grad_x_weight", "grad_squared", "magnitude", "score"])
 @pytest.mark.parametrize("n", [13, 67, 1000, 4097])
 def test_partials_match_brute_force(backend, dtype, metric, n):
     w, g = _data(n, dtype, seed=n)
+    if metric == "score":
+        w = w.abs()
     p = block_partials(w, g, metric, backend, block=256)
     ref = _brute(_np_scores(w, g, metric), 256)
     for key in ("count", "min", "max", "hist_count"):
         np.testing.assert_array_equal(getattr(p, key).double().numpy(), ref[key], err_msg=key)
-    for key in ("sum", "m2", "hist_sum"):
+    for key in ("sum", "m2"):
         np.testing.assert_allclose(getattr(p, key).numpy(), ref[key], rtol=1e-10, atol=1e-300, err_msg=key)
 
 
@@ -72,7 +75,7 @@ def test_large_awkward_size_triton_equals_torch(backend):
     b = block_partials(w, g, "grad_x_weight", backend)
     for key in ("count", "min", "max", "hist_count"):
         assert torch.equal(getattr(a, key), getattr(b, key)), key
-    for key in ("sum", "m2", "hist_sum"):
+    for key in ("sum", "m2"):
         torch.testing.assert_close(getattr(a, key), getattr(b, key), rtol=1e-12, atol=1e-300)
 
 
@@ -95,7 +98,7 @@ def test_tiny_chunks_equal_one_chunk_and_full_sort(backend, dtype):
     w, g = _data(10_007, dtype, seed=2)
     one = fused(w, g, "grad_x_weight", 50, backend, block=64, chunk=1 << 20)
     many = fused(w, g, "grad_x_weight", 50, backend, block=64, chunk=3 * 64)
-    for key in ("count", "sum", "m2", "min", "max", "hist_count", "hist_sum"):
+    for key in ("count", "sum", "m2", "min", "max", "hist_count"):
         torch.testing.assert_close(getattr(one.partials, key), getattr(many.partials, key), rtol=1e-12, atol=0)
     v, i = _sorted_topk(_np_scores(w, g, "grad_x_weight"), 50)
     np.testing.assert_array_equal(many.values.numpy(), v)
@@ -130,6 +133,23 @@ def test_to_group_gives_the_statistics_of_critlib_stats(backend):
         assert got[key] == pytest.approx(ref[key], rel=1e-12), key
     for key, v in ref["top_share"].items():
         assert got["top_share"][key] == pytest.approx(v, rel=1e-12), key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [1, 1000, 70_001])
+def test_summarize_equals_the_statistics_path(backend, n):
+    """The fused summary that critlib.stats uses on CUDA equals its plain-torch summary and float64 numpy."""
+    from critlib import stats
+    from critlib.kernels import summarize
+    x = torch.exp(torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3)
+    x[: n // 3] = 0.0
+    row, counts = summarize(x, backend)
+    ref_row, ref_counts = stats.summarize(x)
+    assert torch.equal(counts, ref_counts)
+    x64 = x.double().numpy()
+    brute = [n, x64.sum(), ((x64 - x64.mean()) ** 2).sum(), x64.min(), x64.max()]
+    for got in (row, ref_row):
+        np.testing.assert_allclose(got.numpy(), brute, rtol=1e-10, atol=1e-300)
 
 
 def test_backend_choice_and_errors(monkeypatch):

@@ -25,6 +25,38 @@ def test_topk_chunked_equals_full_sort_with_ties(n, k, chunk):
     assert torch.equal(v, x[ref])
 
 
+@pytest.mark.parametrize("kind", ["increasing", "decreasing", "negated_zeros", "random"])
+@pytest.mark.parametrize("chunk", [1, 3, 100, 1 << 20])
+def test_streamed_topk_equals_full_sort(kind, chunk):
+    """Steps whose values keep rising (every step replaces candidates), falling (none after the first), and
+    negated scores full of -0.0 (the bottom-k path) give a full sort's answer."""
+    gen = torch.Generator().manual_seed(chunk)
+    x = {"increasing": torch.arange(500.0), "decreasing": torch.arange(500.0).flip(0),
+         "negated_zeros": -torch.cat([torch.zeros(300), torch.rand(200, generator=gen)])[torch.randperm(500, generator=gen)],
+         "random": torch.randn(500, generator=gen)}[kind]
+    for k in (1, 17, 500):
+        v, i = topk_chunked(x, k, chunk_size=chunk)
+        ref = full_sort(x.numpy())[:k]
+        assert i.tolist() == ref.tolist(), (kind, k)
+        assert torch.equal(v, x[ref])
+
+
+@pytest.mark.parametrize("kind", ["increasing", "random", "ties", "zeros"])
+@pytest.mark.parametrize("chunk", [100, 1 << 20])
+def test_block_maxima_path_equals_full_sort(kind, chunk):
+    """Tensors with many blocks per k take the block-maxima path: a partial last block holding the largest
+    values, heavy ties (a few distinct values) and all-equal values (the fallback) included."""
+    n = 100_003
+    gen = torch.Generator().manual_seed(n)
+    x = {"increasing": torch.arange(float(n)), "random": torch.randn(n, generator=gen),
+         "ties": torch.randint(0, 50, (n,), generator=gen).float(), "zeros": torch.zeros(n)}[kind]
+    for k in (1, 50, 700):
+        v, i = topk_chunked(x, k, chunk_size=chunk)
+        ref = full_sort(x.numpy())[:k]
+        assert i.tolist() == ref.tolist(), (kind, k)
+        assert torch.equal(v, x[ref])
+
+
 def test_topk_exact_offset_and_k_larger_than_tensor():
     x = torch.tensor([1.0, 3.0, 3.0, 2.0])
     v, i = topk_exact(x, 10, offset=100)

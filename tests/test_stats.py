@@ -61,6 +61,10 @@ def test_one_pass_is_within_stated_bound():
     for p in PERCENTILES:
         ref = np.percentile(x.double().numpy(), p)
         assert abs(s["percentiles"][f"{p:g}"] - ref) <= APPROX_REL_ERROR * ref
+    srt = np.sort(x.double().numpy())[::-1]
+    for q in TOP_SHARES:
+        ref = srt[:math.ceil(q * len(srt))].sum() / srt.sum()
+        assert abs(s["top_share"][f"{q * 100:g}%"] - ref) <= APPROX_REL_ERROR * ref
 
 
 def test_model_statistics_cover_every_weight_and_groups_partition(windows):

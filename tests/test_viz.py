@@ -77,8 +77,8 @@ def test_sensitivity_hist_and_cells_cover_every_weight(sens):
     model = tiny("tiny-qwen2")
     total = sum(p.numel() for p in model.parameters())
     w = torch.cat([p.detach().abs().reshape(-1) for p in model.parameters()]).numpy()
-    assert int(sens.hist["magnitude"][0].sum()) == total
-    assert np.array_equal(sens.hist["magnitude"][0].numpy(), _counts(w))
+    assert int(sens.hist["magnitude"].sum()) == total
+    assert np.array_equal(sens.hist["magnitude"].numpy(), _counts(w))
     cells = viz.cells_frame(sens)
     for m in sens.metrics:
         sub = cells[cells["metric"] == m]
@@ -92,7 +92,7 @@ def test_sensitivity_hist_and_cells_cover_every_weight(sens):
 
 
 def test_figures_are_figures(sens):
-    hists = {m: sens.hist[m][0].numpy() for m in sens.metrics}
+    hists = {m: sens.hist[m].numpy() for m in sens.metrics}
     cells = viz.cells_frame(sens)
     figs = [viz.score_histogram(hists), viz.score_ccdf(hists), viz.layer_component_heatmap(cells),
             viz.layer_component_heatmap(cells, "topk"), viz.per_layer(cells)]

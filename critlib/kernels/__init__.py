@@ -2,8 +2,9 @@
 from ONE read of a weight tensor and its gradient.
 
 `block_partials` summarises the scores of each block of `block` consecutive flat elements (count, float64
-sum, float64 Σ(x − block mean)², min, max) and histograms the top 16 bits of every score (count and float64
-sum per bin, the pass-1 histogram of `critlib.stats`). `block_topk` turns the block maxima into the exact
+sum, float64 Σ(x − block mean)², min, max) and counts the top 16 bits of every score (the pass-1 histogram
+of `critlib.stats`). `summarize` reduces that to what `critlib.stats` keeps per chunk, on the device: the
+statistics of critlib's scoring use it on CUDA. `block_topk` turns the block maxima into the exact
 top-k: the k-th largest block maximum τ is a lower bound of the k-th largest score, so only blocks whose
 maximum is ≥ τ (usually k of them) can hold a top-k score; those few blocks are re-scored and ranked exactly
 (ties by lowest flat index, as `critlib.rank`). Tensors of any size are processed in chunks of `chunk`
@@ -26,7 +27,7 @@ from .. import CritlibError
 from ..rank import merge, topk_exact
 from ..stats import N_BINS, Group
 
-METRICS = ("grad_x_weight", "grad_squared", "magnitude")
+METRICS = ("grad_x_weight", "grad_squared", "magnitude", "score")  # score: the tensor holds scores already
 BLOCK = 1024
 CHUNK = 1 << 30
 
@@ -64,6 +65,8 @@ def score(w: torch.Tensor, g: torch.Tensor | None, metric: str) -> torch.Tensor:
     """fp32 scores of flat `w` (and its gradient `g`), elementwise, as critlib.scores computes them."""
     if metric == "magnitude":
         return w.float().abs()
+    if metric == "score":
+        return w.float()
     if g is None:
         raise CritlibError(f"metric {metric} needs the gradient")
     if metric == "grad_x_weight":
@@ -75,7 +78,7 @@ def score(w: torch.Tensor, g: torch.Tensor | None, metric: str) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Partials:
-    """Per-block summaries of one tensor's scores and its top-16-bit histogram."""
+    """Per-block summaries of one tensor's scores and the count of each top-16-bit bin."""
     block: int
     count: torch.Tensor  # int64 [n_blocks]
     sum: torch.Tensor  # float64 [n_blocks]
@@ -83,13 +86,12 @@ class Partials:
     min: torch.Tensor  # float32 [n_blocks]
     max: torch.Tensor  # float32 [n_blocks]
     hist_count: torch.Tensor  # int64 [N_BINS]
-    hist_sum: torch.Tensor  # float64 [N_BINS]
 
 
 def _check(w: torch.Tensor, g: torch.Tensor | None, metric: str, block: int, chunk: int) -> None:
     if metric not in METRICS:
         raise CritlibError(f"metric {metric} has no fused kernel; choose one of {', '.join(METRICS)}")
-    if metric != "magnitude" and (g is None or g.shape != w.shape):
+    if metric not in ("magnitude", "score") and (g is None or g.shape != w.shape):
         raise CritlibError(f"metric {metric} needs a gradient shaped like the weight {tuple(w.shape)}")
     if block <= 0 or block & (block - 1) or chunk <= 0 or chunk % block:
         raise CritlibError(f"block={block} must be a power of two and chunk={chunk} a positive multiple of it")
@@ -101,14 +103,13 @@ def block_partials(w: torch.Tensor, g: torch.Tensor | None, metric: str, backend
     _check(w, g, metric, block, chunk)
     backend = resolve_backend(backend, w.device)
     wf = w.detach().reshape(-1)
-    gf = g.detach().reshape(-1) if g is not None and metric != "magnitude" else None
+    gf = g.detach().reshape(-1) if g is not None and metric not in ("magnitude", "score") else None
     n = wf.numel()
     nb = math.ceil(n / block)
     dev = w.device
     out = Partials(block, torch.empty(nb, dtype=torch.int64, device=dev), torch.empty(nb, dtype=torch.float64, device=dev),
                    torch.empty(nb, dtype=torch.float64, device=dev), torch.empty(nb, dtype=torch.float32, device=dev),
-                   torch.empty(nb, dtype=torch.float32, device=dev), torch.zeros(N_BINS, dtype=torch.int64, device=dev),
-                   torch.zeros(N_BINS, dtype=torch.float64, device=dev))
+                   torch.empty(nb, dtype=torch.float32, device=dev), torch.zeros(N_BINS, dtype=torch.int64, device=dev))
     if backend is Backend.TRITON:
         from .triton_fused import partials_chunk
     else:
@@ -120,7 +121,7 @@ def block_partials(w: torch.Tensor, g: torch.Tensor | None, metric: str, backend
         b0, b1 = start // block, math.ceil(stop / block)
         partials_chunk(wf[start:stop], None if gf is None else gf[start:stop], metric, block,
                        [t[b0:b1] for t in (out.count, out.sum, out.m2, out.min, out.max)],
-                       out.hist_count, out.hist_sum)
+                       out.hist_count)
     return out
 
 
@@ -129,7 +130,7 @@ def block_topk(w: torch.Tensor, g: torch.Tensor | None, metric: str, block_max: 
     """Exact top-k (values desc, flat indices; ties → lowest index) from the block maxima, re-scoring only the
     blocks that can hold a top-k score, `group` blocks at a time."""
     wf = w.detach().reshape(-1)
-    gf = g.detach().reshape(-1) if g is not None and metric != "magnitude" else None
+    gf = g.detach().reshape(-1) if g is not None and metric not in ("magnitude", "score") else None
     n = wf.numel()
     k = min(k, n)
     if k == 0:
@@ -163,21 +164,24 @@ def fused(w: torch.Tensor, g: torch.Tensor | None, metric: str, k: int, backend:
     return Fused(p, v, i)
 
 
+def reduce(p: Partials) -> torch.Tensor:
+    """The [count, sum, M2, min, max] float64 row of `critlib.stats` from block partials, on their device
+    (Chan's merge of the block moments)."""
+    c = p.count.double()
+    n, total = c.sum(), p.sum.sum()
+    m2 = p.m2.sum() + (c * (p.sum / c - total / n).square()).sum()
+    return torch.stack([n, total, m2, p.min.min().double(), p.max.max().double()])
+
+
+def summarize(x: torch.Tensor, backend: Backend | str = Backend.AUTO) -> tuple[torch.Tensor, torch.Tensor]:
+    """`critlib.stats.summarize` of non-empty float32 scores by the fused kernel: one read of `x`."""
+    p = block_partials(x, None, "score", backend)
+    return reduce(p), p.hist_count
+
+
 def to_group(parts: list[Partials] | Partials) -> Group:
-    """The pass-1 state of a `critlib.stats.Group` over all scores summarised by `parts` (exact moments by
-    Chan's merge of the block moments; the same histogram)."""
-    parts = [parts] if isinstance(parts, Partials) else parts
-    count = torch.cat([p.count.cpu() for p in parts])
-    sums = torch.cat([p.sum.cpu() for p in parts])
-    m2 = torch.cat([p.m2.cpu() for p in parts])
-    n = int(count.sum())
-    if n == 0:
-        return Group()
-    mean = float(sums.sum()) / n
-    m2_total = float(m2.sum() + (count.double() * (sums / count.double() - mean) ** 2).sum())
-    g = Group(count=n, mean=mean, m2=m2_total, min=float(min(p.min.min() for p in parts)),
-              max=float(max(p.max.max() for p in parts)))
-    for p in parts:
-        g.hist_count += p.hist_count.cpu()
-        g.hist_sum += p.hist_sum.cpu()
+    """A `critlib.stats.Group` in pass 1 over all scores summarised by `parts`."""
+    g = Group()
+    for p in [parts] if isinstance(parts, Partials) else parts:
+        g.merge(reduce(p), p.hist_count)
     return g

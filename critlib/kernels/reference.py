@@ -11,7 +11,7 @@ from ..stats import N_BINS
 
 
 def partials_chunk(w: torch.Tensor, g: torch.Tensor | None, metric: str, block: int, blocks: list[torch.Tensor],
-                   hist_count: torch.Tensor, hist_sum: torch.Tensor) -> None:
+                   hist_count: torch.Tensor) -> None:
     """Fill the per-block outputs `blocks` = [count, sum, m2, min, max] of this chunk and add its histogram."""
     from . import score
     s = score(w, g, metric)
@@ -30,4 +30,3 @@ def partials_chunk(w: torch.Tensor, g: torch.Tensor | None, metric: str, block: 
     hi.copy_(F.pad(s, (0, pad), value=-math.inf).view(nb, block).amax(1))
     bins = (s.view(torch.int32) >> 16).long()
     hist_count += torch.bincount(bins, minlength=N_BINS)
-    hist_sum += torch.bincount(bins, weights=s.double(), minlength=N_BINS)

@@ -1,16 +1,16 @@
 """The Triton kernel: one program per block reads its weights and gradients once, scores them, reduces the
-block statistics in registers and adds every score to the global top-16-bit histogram with atomics."""
+block statistics in registers and counts every score into the global top-16-bit histogram with atomics."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-CODES = {"grad_x_weight": 0, "grad_squared": 1, "magnitude": 2}
+CODES = {"grad_x_weight": 0, "grad_squared": 1, "magnitude": 2, "score": 3}
 
 
 @triton.jit
-def _fused(w_ptr, g_ptr, n, count_ptr, sum_ptr, m2_ptr, min_ptr, max_ptr, hc_ptr, hs_ptr,
+def _fused(w_ptr, g_ptr, n, count_ptr, sum_ptr, m2_ptr, min_ptr, max_ptr, hc_ptr,
            METRIC: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -22,8 +22,10 @@ def _fused(w_ptr, g_ptr, n, count_ptr, sum_ptr, m2_ptr, min_ptr, max_ptr, hc_ptr
     elif METRIC == 1:
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         s = g * g
-    else:
+    elif METRIC == 2:
         s = tl.abs(w)
+    else:
+        s = w
     c = tl.sum(mask.to(tl.int32), axis=0)
     s64 = tl.where(mask, s.to(tl.float64), 0.0)
     total = tl.sum(s64, axis=0)
@@ -35,10 +37,9 @@ def _fused(w_ptr, g_ptr, n, count_ptr, sum_ptr, m2_ptr, min_ptr, max_ptr, hc_ptr
     tl.store(max_ptr + pid, tl.max(tl.where(mask, s, -float("inf")), axis=0))
     bins = s.to(tl.int32, bitcast=True) >> 16
     tl.atomic_add(hc_ptr + bins, 1, mask=mask)
-    tl.atomic_add(hs_ptr + bins, s64, mask=mask)
 
 
-def partials_chunk(w, g, metric, block, blocks, hist_count, hist_sum) -> None:
+def partials_chunk(w, g, metric, block, blocks, hist_count) -> None:
     """Triton version of `reference.partials_chunk` (chunks < 2**31 elements: 32-bit counts and offsets)."""
     import torch
     n = w.numel()
@@ -46,6 +47,6 @@ def partials_chunk(w, g, metric, block, blocks, hist_count, hist_sum) -> None:
     hc = torch.zeros_like(hist_count, dtype=torch.int32)
     w = w.contiguous()
     g = w if g is None else g.contiguous()
-    _fused[(triton.cdiv(n, block),)](w, g, n, count, total, m2, lo, hi, hc, hist_sum,
+    _fused[(triton.cdiv(n, block),)](w, g, n, count, total, m2, lo, hi, hc,
                                      METRIC=CODES[metric], BLOCK=block)
     hist_count += hc
