@@ -26,6 +26,7 @@ N_BINS = 1 << 15  # the sign bit of a non-negative float is 0: 15 bits remain ab
 APPROX_REL_ERROR = 2.0 ** -7
 CPU_STEP = 1 << 18
 GPU_STEP = 1 << 26  # bounds the temporaries (≤ 8 bytes per element) while keeping launches few
+KEPT_FLUSH = 1 << 24  # pass 2 counts the scores it keeps in batches of about this many
 
 
 def step_for(device: torch.device, chunk_size: int) -> int:
@@ -203,6 +204,8 @@ class Stats:
         self.chunk_size = chunk_size
         self._plan: dict[str, tuple[list[int], int]] | None = None  # pass 2: group -> (wanted bins, share floor)
         self._tables: dict = {}
+        self._kept: dict[tuple[str, ...], list[torch.Tensor]] = {}  # pass 2: scores in kept bins, not yet counted
+        self._n_kept = 0
 
     def add(self, groups: list[str], x: torch.Tensor) -> torch.Tensor | None:
         """Feed the scores `x` to `groups`; returns their float64 sum (a 0-d tensor on x's device) in pass 1."""
@@ -240,28 +243,36 @@ class Stats:
         return self._tables[key]
 
     def _refine(self, groups: list[str], flat: torch.Tensor, step: int) -> None:
-        groups = [g for g in groups if g in self._plan]
+        groups = tuple(g for g in groups if g in self._plan)
         if not groups:
             return
-        keep = self._table(groups, flat.device)
-        kept = []
+        keep = self._table(list(groups), flat.device)
         for start in range(0, flat.numel(), step):
             x = flat[start:start + step].float()
-            sel = keep[high_bits(x)].nonzero().flatten()
-            kept.append(x[sel])
-        x = torch.cat(kept)
-        bits = x.view(torch.int32)
-        hi, lo = (bits >> 16).long(), (bits & 0xFFFF).long()
-        x64 = x.double()
-        for g in groups:
-            grp = self.groups[g]
-            bins, floor = self._plan[g]
-            for b in bins:
-                add = torch.bincount(lo[hi == b], minlength=1 << 16)
-                grp.fine[b] = grp.fine[b] + add if b in grp.fine else add
-            up = hi >= floor
-            add = torch.bincount(hi[up], weights=x64[up], minlength=N_BINS)
-            grp.high_sum = add if grp.high_sum is None else grp.high_sum + add
+            self._kept.setdefault(groups, []).append(x[keep[high_bits(x)].nonzero().flatten()])
+            self._n_kept += self._kept[groups][-1].numel()
+        if self._n_kept >= KEPT_FLUSH:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Histogram the kept scores: low 16 bits inside each group's wanted bins, and float64 sums per bin
+        from its share floor up. Done in batches: one bincount per bin per batch, not per tensor."""
+        for groups, parts in self._kept.items():
+            x = torch.cat(parts)
+            bits = x.view(torch.int32)
+            hi, lo = (bits >> 16).long(), (bits & 0xFFFF).long()
+            x64 = x.double()
+            for g in groups:
+                grp = self.groups[g]
+                bins, floor = self._plan[g]
+                for b in bins:
+                    add = torch.bincount(lo[hi == b], minlength=1 << 16)
+                    grp.fine[b] = grp.fine[b] + add if b in grp.fine else add
+                up = hi >= floor
+                add = torch.bincount(hi[up], weights=x64[up], minlength=N_BINS)
+                grp.high_sum = add if grp.high_sum is None else grp.high_sum + add
+        self._kept, self._n_kept = {}, 0
 
     def summary(self) -> dict:
+        self._flush()
         return {k: g.summary() for k, g in self.groups.items()}
