@@ -14,6 +14,7 @@ after --warmup runs. Stages:
             statistics (TopK.add, Stats.add, per-cell sums) is measured inside the run
   twopass   the same with exact_stats=True (pass 2 pins exact percentiles)
   onepass_lowmem  onepass with gradient_checkpointing and sparse_embedding_grad
+  onepass_nokernel  onepass with kernel=off (score tensors made and consumed; on a CPU that is the default)
   fisher    critlib.analyze with metric fisher (one backward per sequence), one pass
   phase1    `critlib score` end to end (load, two passes, held-out eval, tables, files written)
   phase1_lowmem  the same with gradient_checkpointing and sparse_embedding_grad
@@ -36,7 +37,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("plain", "onepass", "onepass_lowmem", "twopass", "fisher", "phase1", "phase1_lowmem", "digest")
+STAGES = ("plain", "onepass", "onepass_lowmem", "onepass_nokernel", "twopass", "fisher", "phase1", "phase1_lowmem", "digest")
 
 
 def _reset_peak(dev) -> None:
@@ -176,9 +177,16 @@ def worker(args) -> dict:
         return rec
     metric = "fisher" if stage == "fisher" else args.metric
     spent = {"rank_stats_s": 0.0, "rank_stats_cpu_s": 0.0}
+    depth = [0]
 
-    def timing(fn):
+    def timing(fn):  # time spent inside ranking/statistics calls, outermost calls only
         def run(*a, **kw):
+            depth[0] += 1
+            if depth[0] > 1:
+                try:
+                    return fn(*a, **kw)
+                finally:
+                    depth[0] -= 1
             _sync(dev)
             t0, c0 = time.perf_counter(), time.process_time()
             try:
@@ -187,13 +195,14 @@ def worker(args) -> dict:
                 _sync(dev)
                 spent["rank_stats_s"] += time.perf_counter() - t0
                 spent["rank_stats_cpu_s"] += time.process_time() - c0
+                depth[0] -= 1
         return run
 
-    originals = {name: getattr(sensitivity, name) for name in ("_feed",) if hasattr(sensitivity, name)}
-    topk_add = sensitivity.TopK.add
-    for name, fn in originals.items():
-        setattr(sensitivity, name, timing(fn))
-    sensitivity.TopK.add = timing(topk_add)
+    from critlib.stats import Stats
+    for name in ("_feed", "_add_cell", "block_partials", "block_topk", "reduce_partials"):
+        setattr(sensitivity, name, timing(getattr(sensitivity, name)))
+    for cls, name in ((sensitivity.TopK, "add"), (sensitivity.TopK, "add_candidates"), (Stats, "merge")):
+        setattr(cls, name, timing(getattr(cls, name)))
 
     from critlib.scores import memory_saving
     low = stage.endswith("_lowmem")
@@ -202,7 +211,8 @@ def worker(args) -> dict:
         spent["rank_stats_s"] = spent["rank_stats_cpu_s"] = 0.0
         with memory_saving(model, checkpointing=low, sparse_embedding=low):
             sensitivity.analyze(model, ids, [metric], topk_global=k, topk_per_layer=kt, batch_size=ids.shape[0],
-                                exact_stats=stage == "twopass", chunk_size=args.chunk, progress=False)
+                                exact_stats=stage == "twopass", chunk_size=args.chunk, progress=False,
+                                kernel="off" if stage.endswith("_nokernel") else "auto")
         return spent["rank_stats_s"]
 
     rec["analyze_s"], rec["analyze_runs"], _ = _timed(run, dev, args.warmup, args.repeats, "analyze")
@@ -247,11 +257,38 @@ def _digest(args, rec: dict, params, dev, k: int, kt: int) -> dict:
         return [fused(p.detach(), g, "grad_x_weight", kc, chunk=args.chunk if dev.type == "cuda" else 1 << 22)
                 for (_, p), g in zip(params, grads)]
 
-    for name, fn in (("read_weights_and_grads", read_both), ("plain_score_topk_moments", plain),
-                     ("critlib_score_topk_stats", critlib_path), ("fused_kernel", kernel)):
-        if name == "fused_kernel" and dev.type != "cuda" and not args.kernel_on_cpu:
-            continue
+    def fused_path():  # what critlib.sensitivity.analyze does with a kernel: statistics, cells and top-K
+        from critlib.kernels import block_partials, block_topk, reduce
+        top, st = TopK(kc, args.chunk), Stats(args.chunk)
+        for (n, p), g in zip(params, grads):
+            part = block_partials(p.detach(), g, "grad_x_weight")
+            st.merge(["global", "layer", "component"], reduce(part).reshape(1, 5), part.hist_count)
+            top.add_candidates(n, *block_topk(p.detach(), g, "grad_x_weight", part.max, part.block, kc))
+        top.global_topk(k, [n for n, _ in params])
+        return st.summary()
+
+    def scores_only():
+        return [(g.float() * p.detach().float()).abs_().sum() for (_, p), g in zip(params, grads)]
+
+    def partials_only():
+        from critlib.kernels import block_partials
+        return [block_partials(p.detach(), g, "grad_x_weight").count for (_, p), g in zip(params, grads)]
+
+    steps = [("read_weights_and_grads", read_both), ("plain_score_topk_moments", plain),
+             ("scores_only", scores_only), ("critlib_score_topk_stats", critlib_path)]
+    if dev.type == "cuda" or args.kernel_on_cpu:
+        steps += [("fused_kernel", kernel), ("critlib_fused_path", fused_path), ("kernel_partials", partials_only)]
+    for name, fn in steps:
         rec[name + "_s"], _, _ = _timed(fn, dev, args.warmup, args.repeats, name)
+    if dev.type == "cuda":  # the histogram's cost: atomics into 1, 16, 64 (default) or 256 copies, or none
+        from critlib.kernels import triton_fused
+        default = triton_fused.COPIES
+        for copies in (1, 16, 256):
+            triton_fused.COPIES = copies
+            rec[f"kernel_partials_copies{copies}_s"], _, _ = _timed(partials_only, dev, 1, args.repeats, "copies")
+        triton_fused.COPIES, triton_fused.HIST = default, False
+        rec["kernel_partials_nohist_s"], _, _ = _timed(partials_only, dev, 1, args.repeats, "nohist")
+        triton_fused.HIST = True
     rec["peak"] = _peak(dev)
     rec["cpu_s"] = dict(CPU_S)
     return rec

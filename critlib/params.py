@@ -35,6 +35,7 @@ class Params:
     exact_stats: bool = True
     chunk_size: int = 1 << 30  # most elements ranked or summarised at once (CPU: at most 2**18, GPU: 2**26)
     fisher_dtype: str = "fp32"
+    kernel: str = "auto"  # fused one-read scoring of gradient metrics: auto (Triton on CUDA), triton, torch, off
     # scale: memory of the gradient pass (critlib.scores.memory_saving) and placement over devices (accelerate)
     gradient_checkpointing: bool = False
     sparse_embedding_grad: bool = False
@@ -96,6 +97,8 @@ class Params:
             raise CritlibError(f"unknown dtype '{self.dtype}'; choose fp32, bf16 or fp16")
         if self.fisher_dtype not in ("fp32", "bf16"):
             raise CritlibError(f"unknown fisher_dtype '{self.fisher_dtype}'; choose fp32 or bf16")
+        if self.kernel not in ("auto", "triton", "torch", "off"):
+            raise CritlibError(f"unknown kernel '{self.kernel}'; choose auto, triton, torch or off")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise CritlibError(f"unknown device '{self.device}'; choose auto, cpu, cuda or cuda:N")
         if self.device_map not in (None, "auto", "balanced", "balanced_low_0", "sequential"):

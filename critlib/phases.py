@@ -153,7 +153,7 @@ def phase1_key(ctx: Context) -> str:
     p = ctx.params
     keys = ("model", "tokenizer", "revision", "data", "text_field", "seq_len", "n_sequences", "n_heldout",
             "batch_size", "prepend_bos", "metrics", "topk_per_layer", "topk_global", "seed", "dtype",
-            "exact_stats", "chunk_size", "fisher_dtype")
+            "exact_stats", "chunk_size", "fisher_dtype", "kernel")
     ident = {k: getattr(p, k) for k in keys}
     ident.update(windows=ctx.windows.sha256, model_info=ctx.loaded.info, bottomk=_bottomk(p),
                  device=str(next(ctx.loaded.model.parameters()).device), critlib=__version__, code=_code_hash())

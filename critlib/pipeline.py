@@ -55,7 +55,7 @@ def run_sensitivity(ctx: Context, progress: bool = True, bottomk: int = 0) -> Se
                                                   p.sparse_embedding_grad):
         return analyze(ctx.loaded.model, ctx.windows.score, p.metrics, p.topk_global, p.topk_per_layer,
                        p.batch_size, p.exact_stats, p.chunk_size, DTYPES[p.fisher_dtype], progress,
-                       bottomk=bottomk)
+                       bottomk=bottomk, kernel=p.kernel)
 
 
 def heldout_baseline(ctx: Context) -> dict:

@@ -120,6 +120,10 @@ class TopK:
         v, i = topk_chunked(scores.detach(), self.k, self.chunk_size)
         self.candidates[name] = (v.float().cpu(), i.cpu())
 
+    def add_candidates(self, name: str, values: torch.Tensor, index: torch.Tensor) -> None:
+        """Keep a tensor's exact top-k found elsewhere (values descending, ties by lowest flat index)."""
+        self.candidates[name] = (values[: self.k].float().cpu(), index[: self.k].cpu())
+
     def per_tensor(self, name: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         v, i = self.candidates[name]
         return v[:k], i[:k]

@@ -26,6 +26,8 @@ from . import CritlibError
 
 GRAD_METRICS = ("grad_x_weight", "grad_squared", "fisher")
 Emit = Callable[[str, str, torch.Tensor], None]  # (metric, param name, fp32 scores shaped like the param)
+# (metric, param name, weight, final gradient) -> True when it consumed them without the scores being made
+Fused = Callable[[str, str, torch.Tensor, torch.Tensor], bool]
 
 
 def scored_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -202,11 +204,12 @@ def _check_finite(name: str, g: torch.Tensor) -> None:
 
 def score_model(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], emit: Emit,
                 batch_size: int = 8, fisher_dtype: torch.dtype = torch.float32, progress: bool = True,
-                desc: str = "scoring", reduce=None) -> list[str]:
+                desc: str = "scoring", reduce=None, fused: Fused | None = None) -> list[str]:
     """Compute `metrics` for every parameter of `model` on `windows` [n, seq_len], calling `emit` once per
     (metric, parameter). Returns the names of parameters that wanda could not score (no input rule).
     `reduce` (a `critlib.distributed.Reducer`) sums gradients, Fisher sums, input norms and token counts
-    over data-parallel ranks before any score is made."""
+    over data-parallel ranks before any score is made. `fused` is offered grad_x_weight and grad_squared
+    first, as weight and gradient (a fused kernel reads them once instead of a score tensor being made)."""
     params = scored_parameters(model)
     device = params[0][1].device
     windows = windows.to(device)
@@ -221,7 +224,7 @@ def score_model(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str
             norms.attach(model, handles)
         if grad_metrics:
             _gradient_pass(model, params, windows, grad_metrics, emit, batch_size, fisher_dtype, progress, desc,
-                           reduce)
+                           reduce, fused)
         elif norms is not None:
             with torch.no_grad():
                 for batch in tqdm(windows.split(batch_size), desc=f"{desc} (activations)", disable=not progress):
@@ -242,7 +245,7 @@ def score_model(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str
 
 
 def _gradient_pass(model, params, windows, grad_metrics, emit, batch_size, fisher_dtype, progress, desc,
-                   reduce=None):
+                   reduce=None, fused=None):
     fisher = "fisher" in grad_metrics
     need_g = [m for m in grad_metrics if m != "fisher"]
     n_total = windows.shape[0] * (windows.shape[1] - 1)
@@ -278,11 +281,12 @@ def _gradient_pass(model, params, windows, grad_metrics, emit, batch_size, fishe
                 if reduce is not None:  # NaN/inf survive the sum, so every rank raises alike
                     g = reduce.sum_(name, g)
                 _check_finite(name, g)
-                if "grad_squared" in need_g:
+                w = p.detach()
+                if "grad_squared" in need_g and not (fused and fused("grad_squared", name, w, g)):
                     emit("grad_squared", name, g.float().square())
-                if "grad_x_weight" in need_g:
+                if "grad_x_weight" in need_g and not (fused and fused("grad_x_weight", name, w, g)):
                     s = g.float() if g.dtype != torch.float32 else g
-                    emit("grad_x_weight", name, s.mul_(p.detach().float()).abs_())
+                    emit("grad_x_weight", name, s.mul_(w.float()).abs_())
             if fisher:
                 f = acc.pop(name)
                 emit("fisher", name, (reduce.sum_(f"fisher:{name}", f) if reduce is not None else f).float())

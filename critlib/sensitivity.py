@@ -18,6 +18,8 @@ from . import CritlibError
 from .distributed import Reducer, shard
 from .distributed import active as dist_active
 from .io import atomic_path
+from .kernels import block_partials, block_topk, choose
+from .kernels import reduce as reduce_partials
 from .layout import Part, component_at, is_token_matrix, layer_of, parts_of
 from .rank import TopK
 from .scores import scored_parameters, score_model
@@ -105,11 +107,16 @@ def _feed(stats: Stats, groups, scores: torch.Tensor, cells: dict | None = None,
     for names, part in groups:
         x = scores if part is None else scores.narrow(part.dim, part.start, part.stop - part.start)
         total = stats.add(names, x)
-        comp = next((n[10:] for n in names if n.startswith("component:")), None)
-        if cells is not None and comp is not None and total is not None:
-            cell = cells.setdefault((layer, comp), [0, []])
-            cell[0] += x.numel()
-            cell[1].append(total)
+        if cells is not None and total is not None:
+            _add_cell(cells, layer, names, x.numel(), total)
+
+
+def _add_cell(cells: dict, layer: int | None, names: list[str], n: int, total: torch.Tensor) -> None:
+    comp = next((g[10:] for g in names if g.startswith("component:")), None)
+    if comp is not None:
+        cell = cells.setdefault((layer, comp), [0, []])
+        cell[0] += n
+        cell[1].append(total)
 
 
 def _settle_cells(cells: dict) -> dict:
@@ -130,11 +137,14 @@ def check_k(model: torch.nn.Module, topk_per_layer: int, topk_global: int) -> No
 def analyze(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], topk_global: int = 1000,
             topk_per_layer: int = 100, batch_size: int = 8, exact_stats: bool = True,
             chunk_size: int = 1 << 30, fisher_dtype: torch.dtype = torch.float32,
-            progress: bool = True, bottomk: int = 0, distributed: bool | None = None) -> Sensitivity:
+            progress: bool = True, bottomk: int = 0, distributed: bool | None = None,
+            kernel: str = "auto") -> Sensitivity:
     """Score `windows` by each metric; keep exact top-K (and, with `bottomk`, bottom-K) candidates and
     statistics over every weight. With `distributed` (default: whenever a torch.distributed group of several
     ranks runs) each rank scores its share of `windows` and gradients are summed over ranks, so every rank
-    returns the result of scoring all of `windows` (see critlib.distributed)."""
+    returns the result of scoring all of `windows` (see critlib.distributed). `kernel` (auto, triton, torch,
+    off; see critlib.kernels.choose) lets pass 1 rank and summarise grad_x_weight and grad_squared from one
+    read of each weight and gradient, without making their score tensors."""
     check_k(model, topk_per_layer, topk_global)
     distributed = dist_active() if distributed is None else distributed and dist_active()
     reduce = Reducer() if distributed else None
@@ -159,8 +169,20 @@ def analyze(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], t
             bottom[metric].add(name, -s)
         _feed(stats[metric], groups[name], s, cells[metric], layer_of(name))
 
+    backend = choose(kernel, next(model.parameters()).device)
+
+    def fused1(metric, name, w, g):
+        (names, part), = groups[name] if len(groups[name]) == 1 else ((None, True),)
+        if backend is None or bottom or part is not None:  # bottom-K and split tensors need the scores
+            return False
+        p = block_partials(w, g, metric, backend)
+        total = stats[metric].merge(names, reduce_partials(p).reshape(1, 5), p.hist_count)
+        _add_cell(cells[metric], layer_of(name), names, w.numel(), total)
+        topk[metric].add_candidates(name, *block_topk(w, g, metric, p.max, p.block, k_cand))
+        return True
+
     unscored = score_model(model, windows, metrics, emit1, batch_size, fisher_dtype, progress, "pass 1/2",
-                           reduce=reduce)
+                           reduce=reduce, fused=fused1)
     result = Sensitivity(metrics, order, shapes, parts, topk, {}, topk_global, topk_per_layer,
                          bottom=bottom, unscored={"wanda": unscored} if unscored else {},
                          cells={m: _settle_cells(c) for m, c in cells.items()})

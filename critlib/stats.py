@@ -221,10 +221,13 @@ class Stats:
             r, c = summarize(flat[start:start + step].float().contiguous())
             rows.append(r)
             counts = c if counts is None else counts.add_(c)
-        rows = torch.stack(rows)
+        return self.merge(groups, torch.stack(rows), counts)
+
+    def merge(self, groups: list[str], rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Feed `groups` already summarised scores (`summarize` rows and their histogram); returns their sum."""
         for g in groups:
             self.groups.setdefault(g, Group()).merge(rows, counts)
-        return rows[:, 1].sum()
+        return rows.reshape(-1, 5)[:, 1].sum()
 
     def start_refine(self) -> None:
         """Begin pass 2: from now on `add` collects the fine histograms inside the wanted bins."""
@@ -249,29 +252,33 @@ class Stats:
         keep = self._table(list(groups), flat.device)
         for start in range(0, flat.numel(), step):
             x = flat[start:start + step].float()
-            self._kept.setdefault(groups, []).append(x[keep[high_bits(x)].nonzero().flatten()])
+            self._kept.setdefault(groups, []).append(torch.masked_select(x, keep[high_bits(x)]))
             self._n_kept += self._kept[groups][-1].numel()
-        if self._n_kept >= KEPT_FLUSH:
-            self._flush()
+            if self._n_kept >= KEPT_FLUSH:
+                self._flush()
 
     def _flush(self) -> None:
         """Histogram the kept scores: low 16 bits inside each group's wanted bins, and float64 sums per bin
-        from its share floor up. Done in batches: one bincount per bin per batch, not per tensor."""
+        from its share floor up. Done in batches (one bincount per bin per batch, not per tensor), in slices
+        that bound the temporaries."""
         for groups, parts in self._kept.items():
-            x = torch.cat(parts)
-            bits = x.view(torch.int32)
-            hi, lo = (bits >> 16).long(), (bits & 0xFFFF).long()
-            x64 = x.double()
-            for g in groups:
-                grp = self.groups[g]
-                bins, floor = self._plan[g]
-                for b in bins:
-                    add = torch.bincount(lo[hi == b], minlength=1 << 16)
-                    grp.fine[b] = grp.fine[b] + add if b in grp.fine else add
-                up = hi >= floor
-                add = torch.bincount(hi[up], weights=x64[up], minlength=N_BINS)
-                grp.high_sum = add if grp.high_sum is None else grp.high_sum + add
+            for x in torch.cat(parts).split(KEPT_FLUSH):
+                self._count_kept(groups, x)
         self._kept, self._n_kept = {}, 0
+
+    def _count_kept(self, groups: tuple[str, ...], x: torch.Tensor) -> None:
+        bits = x.view(torch.int32)
+        hi, lo = (bits >> 16).long(), (bits & 0xFFFF).long()
+        x64 = x.double()
+        for g in groups:
+            grp = self.groups[g]
+            bins, floor = self._plan[g]
+            for b in bins:
+                add = torch.bincount(lo[hi == b], minlength=1 << 16)
+                grp.fine[b] = grp.fine[b] + add if b in grp.fine else add
+            up = hi >= floor
+            add = torch.bincount(hi[up], weights=x64[up], minlength=N_BINS)
+            grp.high_sum = add if grp.high_sum is None else grp.high_sum + add
 
     def summary(self) -> dict:
         self._flush()

@@ -95,3 +95,14 @@ def test_device_map_scores_equal_one_device(tmp_path, windows):
     assert got.keys() == ref.keys()
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-10)
+
+
+def test_fused_pass_on_cuda_equals_score_tensors(windows):
+    model = tiny("tiny-mistral").cuda()
+    metrics = ["grad_x_weight", "grad_squared"]
+    ref = analyze(model, windows, metrics, topk_global=40, topk_per_layer=5, progress=False, kernel="off")
+    got = analyze(model, windows, metrics, topk_global=40, topk_per_layer=5, progress=False, kernel="triton")
+    for m in metrics:
+        assert got.global_top(m) == ref.global_top(m)
+        assert got.stats[m]["global"]["percentiles"] == ref.stats[m]["global"]["percentiles"]
+        assert got.stats[m]["global"]["std"] == pytest.approx(ref.stats[m]["global"]["std"], rel=1e-9)

@@ -153,6 +153,9 @@ def test_summarize_equals_the_statistics_path(backend, n):
 
 
 def test_backend_choice_and_errors(monkeypatch):
+    from critlib.kernels import choose
+    assert choose("auto", "cpu") is None and choose("off", "cuda") is None
+    assert choose("torch", "cpu") is Backend.TORCH
     assert resolve_backend("auto", "cpu") is Backend.TORCH
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     if not torch.cuda.is_available():
@@ -197,3 +200,30 @@ def test_memory_saving_gives_the_same_scores(arch):
     assert got.keys() == ref.keys()
     for key in ref:
         torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-12, msg=str(key))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-phi3"])
+def test_analyze_with_the_fused_kernel_equals_score_tensors(backend, arch, windows):
+    """Pass 1 through the kernel (one read of weight and gradient, no score tensor) gives the same top-K,
+    statistics and layer/component sums as scoring into tensors; Phi-3's split tensors take the tensor path."""
+    from critlib.sensitivity import analyze
+    from tests.conftest import tiny
+    model = tiny(arch)
+    metrics = ["grad_x_weight", "grad_squared", "magnitude"]
+    ref = analyze(model, windows, metrics, topk_global=30, topk_per_layer=5, progress=False, kernel="off")
+    got = analyze(model, windows, metrics, topk_global=30, topk_per_layer=5, progress=False, kernel=backend)
+    for m in metrics:
+        assert got.global_top(m) == ref.global_top(m), m
+        for name in ref.order:
+            for a, b in zip(got.topk[m].per_tensor(name, 5), ref.topk[m].per_tensor(name, 5)):
+                assert torch.equal(a, b), (m, name)
+        assert got.stats[m]["global"]["percentiles"] == ref.stats[m]["global"]["percentiles"]
+        for key in ("count", "min", "max"):
+            assert got.stats[m]["global"][key] == ref.stats[m]["global"][key]
+        for key in ("mean", "std", "sum"):
+            assert got.stats[m]["global"][key] == pytest.approx(ref.stats[m]["global"][key], rel=1e-9)
+        assert torch.equal(got.hist[m], ref.hist[m])
+        assert got.cells[m].keys() == ref.cells[m].keys()
+        for key, (n, total) in ref.cells[m].items():
+            assert got.cells[m][key][0] == n and got.cells[m][key][1] == pytest.approx(total, rel=1e-9)

@@ -84,3 +84,23 @@ def test_model_statistics_cover_every_weight_and_groups_partition(windows):
         assert sum(v["count"] for v in st["per_component"].values()) == total
         # Phi-3's fused qkv_proj and gate_up_proj are split into their parts
         assert {"attn_q", "attn_k", "attn_v", "mlp_gate", "mlp_up"} <= set(st["per_component"])
+
+
+def test_pass_two_in_small_batches_gives_the_same_answer(monkeypatch):
+    """Pass 2 counts the scores it keeps in batches (stats.KEPT_FLUSH); tiny batches change nothing."""
+    from critlib import stats as stats_mod
+    gen = torch.Generator().manual_seed(5)
+    chunks = [torch.exp(torch.randn(n, generator=gen) * 2) for n in (1000, 3333, 17)]
+
+    def run():
+        st = Stats(chunk_size=100)
+        for c in chunks:
+            st.add(["global", "other"], c)
+        st.start_refine()
+        for c in chunks:
+            st.add(["global", "other"], c)
+        return st.summary()
+
+    ref = run()
+    monkeypatch.setattr(stats_mod, "KEPT_FLUSH", 3)
+    assert run() == ref and ref["global"]["exact"]

@@ -61,6 +61,16 @@ def resolve_backend(backend: Backend | str, device: torch.device | str) -> Backe
     return backend
 
 
+def choose(kernel: str, device: torch.device | str) -> Backend | None:
+    """The backend that scores gradient metrics in one read for setting `kernel` (auto: Triton on a CUDA
+    device with Triton installed; off or auto elsewhere: None, the scores are made as tensors)."""
+    if kernel == "off":
+        return None
+    if kernel == "auto":
+        return Backend.TRITON if torch.device(device).type == "cuda" and is_triton_available(device) else None
+    return resolve_backend(kernel, device)
+
+
 def score(w: torch.Tensor, g: torch.Tensor | None, metric: str) -> torch.Tensor:
     """fp32 scores of flat `w` (and its gradient `g`), elementwise, as critlib.scores computes them."""
     if metric == "magnitude":
@@ -143,6 +153,9 @@ def block_topk(w: torch.Tensor, g: torch.Tensor | None, metric: str, block_max: 
         idx = (blocks[i:i + group, None] * block + lane).reshape(-1)
         idx = idx[idx < n]
         s = score(wf[idx], None if gf is None else gf[idx], metric)
+        if block_max.numel() >= k:  # then k blocks reach τ, so the k-th largest score is ≥ τ
+            keep = s >= tau
+            idx, s = idx[keep], s[keep]
         v, pos = topk_exact(s, k)
         vals.append(v)
         idxs.append(idx[pos])
