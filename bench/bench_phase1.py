@@ -280,10 +280,10 @@ def _digest(args, rec: dict, params, dev, k: int, kt: int) -> dict:
         steps += [("fused_kernel", kernel), ("critlib_fused_path", fused_path), ("kernel_partials", partials_only)]
     for name, fn in steps:
         rec[name + "_s"], _, _ = _timed(fn, dev, args.warmup, args.repeats, name)
-    if dev.type == "cuda":  # the histogram's cost: atomics into 1, 16, 64 (default) or 256 copies, or none
+    if dev.type == "cuda":  # the histogram's cost: atomics into 1, 16 or 64 copies (default 256), or none
         from critlib.kernels import triton_fused
         default = triton_fused.COPIES
-        for copies in (1, 16, 256):
+        for copies in (1, 16, 64):
             triton_fused.COPIES = copies
             rec[f"kernel_partials_copies{copies}_s"], _, _ = _timed(partials_only, dev, 1, args.repeats, "copies")
         triton_fused.COPIES, triton_fused.HIST = default, False

@@ -17,9 +17,9 @@ timeout 110 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py > "$OUT/test
 echo "test_cuda rc=$?" >> "$OUT/env.txt"
 common=(--model "$MODEL" --dtype bf16 --batch 4 --seq-len 512 --fisher-batch 8 --timeout 100)
 # BENCH_ARGS (e.g. "--seq-len 32 --warmup 0 --repeats 1") overrides, for a dry run on a CPU
-timeout 330 $PY bench/bench_phase1.py "${common[@]}" --warmup 1 --repeats 3 \
-    --stages digest,plain,onepass,onepass_nokernel,onepass_lowmem,twopass,fisher ${BENCH_ARGS:-} --out "$OUT/${MODEL}_bf16_gpu.json" > "$OUT/bench.log" 2>&1
+timeout ${BENCH_TIMEOUT:-330} $PY bench/bench_phase1.py "${common[@]}" --warmup 1 --repeats 3 \
+    --stages ${STAGES:-digest,plain,onepass,onepass_nokernel,onepass_lowmem,twopass,fisher} ${BENCH_ARGS:-} --out "$OUT/${MODEL}_bf16_gpu.json" > "$OUT/bench.log" 2>&1
 echo "bench rc=$?" >> "$OUT/env.txt"
 timeout 130 $PY bench/bench_phase1.py "${common[@]}" --warmup 0 --repeats 1 \
-    --stages phase1,phase1_lowmem --timeout 60 ${BENCH_ARGS:-} --out "$OUT/${MODEL}_bf16_gpu_phase1.json" > "$OUT/bench_phase1.log" 2>&1
+    --stages ${PHASE1_STAGES:-phase1,phase1_lowmem} --timeout 60 ${BENCH_ARGS:-} --out "$OUT/${MODEL}_bf16_gpu_phase1.json" > "$OUT/bench_phase1.log" 2>&1
 echo "phase1 rc=$? $(date -u)" >> "$OUT/env.txt"

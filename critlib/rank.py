@@ -6,6 +6,8 @@ deterministic and equals a full stable sort of all scores.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -15,8 +17,6 @@ def _prefilter(x: torch.Tensor, k: int) -> torch.Tensor | None:
     bits = x.view(torch.int32)
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # monotone in the float value, negatives included
     hi = (key >> 16) + 32768
-    if x.device.type != "cpu":
-        hi = hi.long()
     counts = torch.bincount(hi, minlength=65536)
     from_top = torch.cumsum(counts.flip(0), 0)
     b = 65535 - int(torch.searchsorted(from_top, torch.tensor([k], device=x.device)))
@@ -30,14 +30,16 @@ def topk_exact(x: torch.Tensor, k: int, offset: int = 0) -> tuple[torch.Tensor, 
     k = min(k, x.numel())
     if k == 0:
         return x.new_empty(0), torch.empty(0, dtype=torch.long, device=x.device)
-    if x.dtype == torch.float32 and x.is_contiguous() and x.numel() >= max(1 << 16, 64 * k):
+    big = x.numel() >= max(1 << 16, 64 * k)
+    if big and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous():
         sub = _prefilter(x, k)
         if sub is not None:  # every element outside `sub` is strictly smaller than all of the k-th bin
             v, i = topk_exact(x[sub], k)
             return v, sub[i] + offset
     vals, idx = torch.topk(x, k, sorted=False)
     kth = vals.min()
-    if int((x == kth).sum()) == int((vals == kth).sum()):  # no tie left out: topk's set is the answer
+    n_all, n_kept = torch.stack([(x == kth).sum(), (vals == kth).sum()]).tolist()
+    if n_all == n_kept:  # no tie left out: topk's set is the answer
         return sort_candidates(vals, idx + offset)
     above = (x > kth).nonzero().flatten()
     ties = (x == kth).nonzero().flatten()[: k - above.numel()]
@@ -56,11 +58,14 @@ def sort_candidates(values: torch.Tensor, index: torch.Tensor) -> tuple[torch.Te
 BLOCK = 32
 
 
-def _candidates(flat: torch.Tensor, k: int, step: int) -> torch.Tensor | None:
+def _candidates(flat: torch.Tensor, k: int, step: int,
+                trim: bool | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Ascending indices of a small superset of the top-k of `flat`: the elements ≥ τ, the k-th largest
     maximum of the blocks of BLOCK consecutive elements (k blocks reach τ, so the k-th largest value is ≥ τ),
     looked for only in the blocks that reach τ. One read of `flat`, in steps of `step` elements (a multiple
-    of BLOCK). None when ties make nearly every block a candidate."""
+    of BLOCK). Returns (indices, their values), or None when ties make nearly every block a candidate.
+    `trim` (default: on a CPU) keeps only values ≥ τ; otherwise whole blocks come back (lanes past the end
+    valued -inf) rather than wait on a GPU for their count."""
     maxima = []
     for start in range(0, flat.numel(), step):
         c = flat[start:start + step]
@@ -74,10 +79,13 @@ def _candidates(flat: torch.Tensor, k: int, step: int) -> torch.Tensor | None:
     if blocks.numel() > bm.numel() // 4:
         return None
     idx = (blocks[:, None] * BLOCK + torch.arange(BLOCK, device=flat.device)).reshape(-1)
+    if not (flat.device.type == "cpu" if trim is None else trim):
+        return idx, torch.where(idx < flat.numel(), flat[idx.clamp_max(flat.numel() - 1)], -math.inf)
     short = -flat.numel() % BLOCK  # lanes past the end, in the last block
     if short and int(blocks[-1]) == bm.numel() - 1:
         idx = idx[:-short]
-    return idx[flat[idx] >= tau]
+    idx = idx[flat[idx] >= tau]
+    return idx, flat[idx]
 
 
 def topk_chunked(x: torch.Tensor, k: int, chunk_size: int = 1 << 30) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,10 +97,10 @@ def topk_chunked(x: torch.Tensor, k: int, chunk_size: int = 1 << 30) -> tuple[to
     n = flat.numel()
     step = step_for(flat.device, chunk_size)
     if 0 < k and -(-n // BLOCK) >= 4 * k:
-        idx = _candidates(flat, k, max(BLOCK, step // BLOCK * BLOCK))
-        if idx is not None:  # ascending, so topk_exact's lowest-position tie-break is the lowest index
-            v, i = topk_exact(flat[idx], k)
-            return v, idx[i]
+        found = _candidates(flat, k, max(BLOCK, step // BLOCK * BLOCK))
+        if found is not None:  # ascending indices: topk_exact's lowest-position tie-break is the lowest index
+            v, i = topk_exact(found[1], k)
+            return v, found[0][i]
     if n <= step:
         return topk_exact(flat, k)
     vals, idxs = [], []

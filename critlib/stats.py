@@ -204,8 +204,9 @@ class Stats:
         self.chunk_size = chunk_size
         self._plan: dict[str, tuple[list[int], int]] | None = None  # pass 2: group -> (wanted bins, share floor)
         self._tables: dict = {}
-        self._kept: dict[tuple[str, ...], list[torch.Tensor]] = {}  # pass 2: scores in kept bins, not yet counted
+        self._kept: dict[str, list[torch.Tensor]] = {}  # pass 2, per group: kept scores not yet counted
         self._n_kept = 0
+        self._slots: dict = {}
 
     def add(self, groups: list[str], x: torch.Tensor) -> torch.Tensor | None:
         """Feed the scores `x` to `groups`; returns their float64 sum (a 0-d tensor on x's device) in pass 1."""
@@ -246,39 +247,45 @@ class Stats:
         return self._tables[key]
 
     def _refine(self, groups: list[str], flat: torch.Tensor, step: int) -> None:
-        groups = tuple(g for g in groups if g in self._plan)
+        groups = [g for g in groups if g in self._plan]
         if not groups:
             return
-        keep = self._table(list(groups), flat.device)
+        keep = self._table(groups, flat.device)
         for start in range(0, flat.numel(), step):
             x = flat[start:start + step].float()
-            self._kept.setdefault(groups, []).append(torch.masked_select(x, keep[high_bits(x)]))
-            self._n_kept += self._kept[groups][-1].numel()
+            kept = x[keep[high_bits(x)]]
+            for g in groups:
+                self._kept.setdefault(g, []).append(kept)
+            self._n_kept += kept.numel()
             if self._n_kept >= KEPT_FLUSH:
                 self._flush()
 
     def _flush(self) -> None:
-        """Histogram the kept scores: low 16 bits inside each group's wanted bins, and float64 sums per bin
-        from its share floor up. Done in batches (one bincount per bin per batch, not per tensor), in slices
-        that bound the temporaries."""
-        for groups, parts in self._kept.items():
+        """Histogram the kept scores, per group: the low 16 bits inside its wanted bins, and float64 sums per
+        bin from its share floor up. In batches (a few bincounts per group per batch, none per tensor), in
+        slices that bound the temporaries, with no data-dependent shapes (no waiting on a GPU)."""
+        for g, parts in self._kept.items():
             for x in torch.cat(parts).split(KEPT_FLUSH):
-                self._count_kept(groups, x)
+                self._count_kept(g, x)
         self._kept, self._n_kept = {}, 0
 
-    def _count_kept(self, groups: tuple[str, ...], x: torch.Tensor) -> None:
+    def _count_kept(self, g: str, x: torch.Tensor) -> None:
+        grp = self.groups[g]
+        bins, floor = self._plan[g]
         bits = x.view(torch.int32)
         hi, lo = (bits >> 16).long(), (bits & 0xFFFF).long()
-        x64 = x.double()
-        for g in groups:
-            grp = self.groups[g]
-            bins, floor = self._plan[g]
-            for b in bins:
-                add = torch.bincount(lo[hi == b], minlength=1 << 16)
-                grp.fine[b] = grp.fine[b] + add if b in grp.fine else add
-            up = hi >= floor
-            add = torch.bincount(hi[up], weights=x64[up], minlength=N_BINS)
-            grp.high_sum = add if grp.high_sum is None else grp.high_sum + add
+        if bins:
+            slot = self._slots.get((g, x.device))
+            if slot is None:  # bin -> its row among the wanted bins; every other bin -> a discarded row
+                slot = torch.full((N_BINS,), len(bins), dtype=torch.int64)
+                slot[bins] = torch.arange(len(bins))
+                slot = self._slots[(g, x.device)] = slot.to(x.device)
+            fine = torch.bincount((slot[hi] << 16) | lo, minlength=(len(bins) + 1) << 16)
+            for j, b in enumerate(bins):
+                row = fine[j << 16:(j + 1) << 16]
+                grp.fine[b] = grp.fine[b] + row if b in grp.fine else row.clone()
+        add = torch.bincount(hi, weights=torch.where(hi >= floor, x.double(), 0.0), minlength=N_BINS)
+        grp.high_sum = add if grp.high_sum is None else grp.high_sum + add
 
     def summary(self) -> dict:
         self._flush()

@@ -57,6 +57,23 @@ def test_block_maxima_path_equals_full_sort(kind, chunk):
         assert torch.equal(v, x[ref])
 
 
+@pytest.mark.parametrize("kind", ["increasing", "random", "ties"])
+def test_untrimmed_candidates_as_on_a_gpu_give_the_same_topk(kind):
+    from critlib.rank import _candidates
+    n = 10_007
+    gen = torch.Generator().manual_seed(2)
+    x = {"increasing": torch.arange(float(n)), "random": torch.randn(n, generator=gen),
+         "ties": torch.randint(0, 50, (n,), generator=gen).float()}[kind]
+    for k in (1, 40):
+        ref = full_sort(x.numpy())[:k]
+        for trim in (True, False):
+            found = _candidates(x, k, 320, trim=trim)
+            if found is None:
+                continue
+            v, i = topk_exact(found[1], k)
+            assert found[0][i].tolist() == ref.tolist(), (kind, k, trim)
+
+
 def test_topk_exact_offset_and_k_larger_than_tensor():
     x = torch.tensor([1.0, 3.0, 3.0, 2.0])
     v, i = topk_exact(x, 10, offset=100)

@@ -138,7 +138,8 @@ def block_partials(w: torch.Tensor, g: torch.Tensor | None, metric: str, backend
 def block_topk(w: torch.Tensor, g: torch.Tensor | None, metric: str, block_max: torch.Tensor, block: int, k: int,
                group: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k (values desc, flat indices; ties → lowest index) from the block maxima, re-scoring only the
-    blocks that can hold a top-k score, `group` blocks at a time."""
+    blocks that can hold a top-k score (those reaching τ, the k-th largest block maximum: the k-th largest
+    score is ≥ τ), `group` blocks at a time. One wait on the device to learn which blocks those are."""
     wf = w.detach().reshape(-1)
     gf = g.detach().reshape(-1) if g is not None and metric not in ("magnitude", "score") else None
     n = wf.numel()
@@ -150,16 +151,13 @@ def block_topk(w: torch.Tensor, g: torch.Tensor | None, metric: str, block_max: 
     vals, idxs = [], []
     lane = torch.arange(block, device=w.device)
     for i in range(0, blocks.numel(), group):
-        idx = (blocks[i:i + group, None] * block + lane).reshape(-1)
-        idx = idx[idx < n]
-        s = score(wf[idx], None if gf is None else gf[idx], metric)
-        if block_max.numel() >= k:  # then k blocks reach τ, so the k-th largest score is ≥ τ
-            keep = s >= tau
-            idx, s = idx[keep], s[keep]
+        idx = (blocks[i:i + group, None] * block + lane).reshape(-1)  # ascending: ties go to the lowest index
+        s = score(wf[idx.clamp_max(n - 1)], None if gf is None else gf[idx.clamp_max(n - 1)], metric)
+        s = torch.where(idx < n, s, -math.inf)  # lanes past the end of the last block never win
         v, pos = topk_exact(s, k)
         vals.append(v)
         idxs.append(idx[pos])
-    return merge(torch.cat(vals), torch.cat(idxs), k)
+    return (vals[0], idxs[0]) if len(vals) == 1 else merge(torch.cat(vals), torch.cat(idxs), k)
 
 
 @dataclass(frozen=True)

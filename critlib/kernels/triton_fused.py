@@ -44,7 +44,7 @@ def _fused(w_ptr, g_ptr, n, count_ptr, sum_ptr, m2_ptr, min_ptr, max_ptr, hc_ptr
         tl.atomic_add(hc_ptr + (pid % COPIES) * NBINS + bins, 1, mask=mask)
 
 
-COPIES = 64
+COPIES = 256
 HIST = True  # False only to time the kernel without its histogram (bench/bench_phase1.py)
 
 
