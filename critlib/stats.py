@@ -263,7 +263,7 @@ class Stats:
     def _flush(self) -> None:
         """Histogram the kept scores, per group: the low 16 bits inside its wanted bins, and float64 sums per
         bin from its share floor up. In batches (a few bincounts per group per batch, none per tensor), in
-        slices that bound the temporaries, with no data-dependent shapes (no waiting on a GPU)."""
+        slices that bound the temporaries."""
         for g, parts in self._kept.items():
             for x in torch.cat(parts).split(KEPT_FLUSH):
                 self._count_kept(g, x)
@@ -280,11 +280,14 @@ class Stats:
                 slot = torch.full((N_BINS,), len(bins), dtype=torch.int64)
                 slot[bins] = torch.arange(len(bins))
                 slot = self._slots[(g, x.device)] = slot.to(x.device)
-            fine = torch.bincount((slot[hi] << 16) | lo, minlength=(len(bins) + 1) << 16)
+            rows = slot[hi]
+            mine = rows < len(bins)  # count only this group's bins: a catch-all bin would be contended on a GPU
+            fine = torch.bincount((rows[mine] << 16) | lo[mine], minlength=len(bins) << 16)
             for j, b in enumerate(bins):
                 row = fine[j << 16:(j + 1) << 16]
                 grp.fine[b] = grp.fine[b] + row if b in grp.fine else row.clone()
-        add = torch.bincount(hi, weights=torch.where(hi >= floor, x.double(), 0.0), minlength=N_BINS)
+        up = hi >= floor
+        add = torch.bincount(hi[up], weights=x[up].double(), minlength=N_BINS)
         grp.high_sum = add if grp.high_sum is None else grp.high_sum + add
 
     def summary(self) -> dict:
