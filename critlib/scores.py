@@ -196,6 +196,18 @@ class InputNorms:
         return norm.clone()  # scale: |w_j|·‖x̂_j‖ = ‖y_j − b_j‖
 
 
+def release_memory() -> None:
+    """Give freed CPU heap memory back to the system (glibc keeps it otherwise, and the next pass then
+    starts from a higher resident size). A no-op where glibc's malloc_trim is missing."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _check_finite(name: str, g: torch.Tensor) -> None:
     if not torch.isfinite(g).all():
         raise CritlibError(f"the gradient of {name} has NaN or inf values; use dtype fp32, check the weights "

@@ -22,7 +22,7 @@ from .kernels import block_partials, block_topk, choose
 from .kernels import reduce as reduce_partials
 from .layout import Part, component_at, is_token_matrix, layer_of, parts_of
 from .rank import TopK
-from .scores import scored_parameters, score_model
+from .scores import release_memory, scored_parameters, score_model
 from .stats import Stats
 
 COLUMNS = ["metric", "scope", "rank", "param", "layer", "component", "row", "col", "score", "weight",
@@ -183,6 +183,7 @@ def analyze(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], t
 
     unscored = score_model(model, windows, metrics, emit1, batch_size, fisher_dtype, progress, "pass 1/2",
                            reduce=reduce, fused=fused1)
+    release_memory()
     result = Sensitivity(metrics, order, shapes, parts, topk, {}, topk_global, topk_per_layer,
                          bottom=bottom, unscored={"wanda": unscored} if unscored else {},
                          cells={m: _settle_cells(c) for m, c in cells.items()})

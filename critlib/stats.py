@@ -26,7 +26,7 @@ N_BINS = 1 << 15  # the sign bit of a non-negative float is 0: 15 bits remain ab
 APPROX_REL_ERROR = 2.0 ** -7
 CPU_STEP = 1 << 18
 GPU_STEP = 1 << 26  # bounds the temporaries (≤ 8 bytes per element) while keeping launches few
-KEPT_FLUSH = 1 << 24  # pass 2 counts the scores it keeps in batches of about this many
+KEPT_FLUSH = 1 << 22  # pass 2 counts the scores it keeps in batches of about this many
 
 
 def step_for(device: torch.device, chunk_size: int) -> int:
@@ -259,6 +259,8 @@ class Stats:
             self._n_kept += kept.numel()
             if self._n_kept >= KEPT_FLUSH:
                 self._flush()
+        if flat.device.type == "cpu":  # small buffers held across backward passes fragment the CPU heap
+            self._flush()
 
     def _flush(self) -> None:
         """Histogram the kept scores, per group: the low 16 bits inside its wanted bins, and float64 sums per
