@@ -27,7 +27,7 @@ from . import CritlibError
 GRAD_METRICS = ("grad_x_weight", "grad_squared", "fisher")
 Emit = Callable[[str, str, torch.Tensor], None]  # (metric, param name, fp32 scores shaped like the param)
 # (metric, param name, weight, final gradient) -> True when it consumed them without the scores being made
-Fused = Callable[[str, str, torch.Tensor, torch.Tensor], bool]
+FusedEmit = Callable[[str, str, torch.Tensor, torch.Tensor], bool]
 
 
 def scored_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -216,7 +216,7 @@ def _check_finite(name: str, g: torch.Tensor) -> None:
 
 def score_model(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], emit: Emit,
                 batch_size: int = 8, fisher_dtype: torch.dtype = torch.float32, progress: bool = True,
-                desc: str = "scoring", reduce=None, fused: Fused | None = None) -> list[str]:
+                desc: str = "scoring", reduce=None, fused: FusedEmit | None = None) -> list[str]:
     """Compute `metrics` for every parameter of `model` on `windows` [n, seq_len], calling `emit` once per
     (metric, parameter). Returns the names of parameters that wanda could not score (no input rule).
     `reduce` (a `critlib.distributed.Reducer`) sums gradients, Fisher sums, input norms and token counts
@@ -269,15 +269,13 @@ def _gradient_pass(model, params, windows, grad_metrics, emit, batch_size, fishe
     acc: dict[str, torch.Tensor] = {}
 
     def pre(name, p):
-        def hook(g):
+        def hook(g):  # NaN/inf in any sequence's gradient carries into the sum, which is checked once
             if g.is_sparse:
                 g = g.to_dense()
-            _check_finite(name, g)
-            gi = g.float() * (n_total / per_seq)  # this sequence's own mean-loss gradient
-            if name in acc:
-                acc[name].add_(gi.square().to(fisher_dtype))
-            else:
-                acc[name] = gi.square().to(fisher_dtype)
+            if name not in acc:
+                acc[name] = torch.zeros(g.shape, dtype=fisher_dtype, device=g.device)
+            # (this sequence's own mean-loss gradient)² = (g · n_total / per_seq)², one fused op in fp32
+            acc[name].addcmul_(g, g, value=(n_total / per_seq) ** 2)
         return hook
 
     def post(name):
@@ -301,7 +299,9 @@ def _gradient_pass(model, params, windows, grad_metrics, emit, batch_size, fishe
                     emit("grad_x_weight", name, s.mul_(w.float()).abs_())
             if fisher:
                 f = acc.pop(name)
-                emit("fisher", name, (reduce.sum_(f"fisher:{name}", f) if reduce is not None else f).float())
+                f = (reduce.sum_(f"fisher:{name}", f) if reduce is not None else f).float()
+                _check_finite(name, f)
+                emit("fisher", name, f)
             state["emitted"].add(name)
             p.grad = None
         return hook

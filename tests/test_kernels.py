@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from critlib import CritlibError
-from critlib.kernels import Backend, block_partials, fused, is_triton_available, resolve_backend, to_group
+from critlib.kernels import Backend, block_partials, fused, is_triton_available, reduce, resolve_backend
 from critlib.stats import N_BINS, Stats
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -118,15 +118,15 @@ def test_topk_when_few_blocks_are_nonzero():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_to_group_gives_the_statistics_of_critlib_stats(backend):
+def test_partials_give_the_statistics_of_critlib_stats(backend):
     tensors = [_data(n, torch.float32, seed=n) for n in (333, 4096, 777)]
-    stats = Stats(chunk_size=1000)
-    parts = []
+    stats, fed = Stats(chunk_size=1000), Stats()
     for w, g in tensors:
         stats.add(["global"], (g * w).abs())
-        parts.append(block_partials(w, g, "grad_x_weight", backend, block=128))
+        p = block_partials(w, g, "grad_x_weight", backend, block=128)
+        fed.merge(["global"], reduce(p), p.hist_count)
     ref = stats.summary()["global"]
-    got = to_group(parts).summary()
+    got = fed.summary()["global"]
     assert got["count"] == ref["count"] and got["min"] == ref["min"] and got["max"] == ref["max"]
     assert got["percentiles"] == ref["percentiles"]  # from identical histograms
     for key in ("mean", "std", "sum", "max_over_mean"):

@@ -25,7 +25,7 @@ import torch
 
 from .. import CritlibError
 from ..rank import merge, topk_exact
-from ..stats import N_BINS, Group
+from ..stats import N_BINS
 
 METRICS = ("grad_x_weight", "grad_squared", "magnitude", "score")  # score: the tensor holds scores already
 BLOCK = 1024
@@ -188,11 +188,3 @@ def summarize(x: torch.Tensor, backend: Backend | str = Backend.AUTO) -> tuple[t
     """`critlib.stats.summarize` of non-empty float32 scores by the fused kernel: one read of `x`."""
     p = block_partials(x, None, "score", backend)
     return reduce(p), p.hist_count
-
-
-def to_group(parts: list[Partials] | Partials) -> Group:
-    """A `critlib.stats.Group` in pass 1 over all scores summarised by `parts`."""
-    g = Group()
-    for p in [parts] if isinstance(parts, Partials) else parts:
-        g.merge(reduce(p), p.hist_count)
-    return g
