@@ -259,8 +259,6 @@ class Stats:
             self._n_kept += kept.numel()
             if self._n_kept >= KEPT_FLUSH:
                 self._flush()
-        if flat.device.type == "cpu":  # small buffers held across backward passes fragment the CPU heap
-            self._flush()
 
     def _flush(self) -> None:
         """Histogram the kept scores, per group: the low 16 bits inside its wanted bins, and float64 sums per
