@@ -431,9 +431,13 @@ def summary(result: dict) -> str:
                                    if key.endswith("_s") and isinstance(v, float) and key not in ("load_s", "wall_s")))
             t = r.get("critlib_score_topk_stats_s")
         elif "rank_stats_s" in r:
-            fb = by.get("plain", {}).get("fwd_bwd_s")
+            plain = by.get("plain", {})
+            fb = plain.get("fwd_bwd_s")
             share = f" = {100 * r['rank_stats_s'] / fb:.1f}% of fwd+bwd" if fb else ""
             notes.append(f"ranking+statistics {r['rank_stats_s']:.2f}s{share}")
+            if plain.get("plain_score_topk_s") is not None:  # plain: per-tensor topk + moments, no global stats
+                base = plain["plain_score_topk_s"] + plain["plain_moments_s"]
+                notes.append(f"{r['rank_stats_s'] / base:.2f}× plain per-tensor topk + moments")
             if "rank_stats_cpu_s" in r:
                 notes.append(f"ranking+statistics CPU {r['rank_stats_cpu_s']:.2f}s")
         else:
