@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from . import CritlibError, __version__
@@ -47,9 +48,15 @@ def _application_parsers(sub) -> None:
     vf.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one parameter")
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt  # so a SIGTERM (kill, a scheduler, torchrun) cleans up as Ctrl-C does
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         if args.command in ("fingerprint", "verify"):
             from .integrity import cli_command

@@ -144,3 +144,28 @@ def test_rerun_one_phase_keeps_the_others(tiny_report, tmp_path):
     assert run["phases"]["01_sensitivity"].get("from_earlier_run") is True
     assert "from_earlier_run" not in run["phases"]["02_cross_metric"]
     assert "(earlier run)" in (out / "index.html").read_text()
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
+    """A run killed with SIGTERM exits 130, leaves no hidden staging folder, keeps the partial run in
+    `<outdir>.failed/` and the previous report untouched."""
+    import signal
+    import subprocess
+    import time
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / "index.html").write_text("previous")
+    cmd = [sys.executable, "-m", "critlib.cli", "run", "-p", TINY, "-o", str(out), "-q",
+           "--set", f"model={tiny_report_params()['model']}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".rep.staging-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert not list(tmp_path.glob(".rep.staging-*"))
+    assert (tmp_path / "rep.failed").is_dir()
+    assert (out / "index.html").read_text() == "previous"
