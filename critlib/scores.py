@@ -209,7 +209,9 @@ def release_memory() -> None:
 
 
 def _check_finite(name: str, g: torch.Tensor) -> None:
-    if not torch.isfinite(g).all():
+    """In slices (a whole-tensor mask of an embedding gradient would be a large temporary), one wait."""
+    flat = g.reshape(-1)
+    if flat.numel() and not torch.stack([torch.isfinite(c).all() for c in flat.split(1 << 24)]).all():
         raise CritlibError(f"the gradient of {name} has NaN or inf values; use dtype fp32, check the weights "
                            "for NaN/inf, or try other data")
 
