@@ -18,12 +18,12 @@ from . import CritlibError
 from .distributed import Reducer, shard
 from .distributed import active as dist_active
 from .io import atomic_path
-from .kernels import block_partials, block_topk, choose
+from .kernels import block_partials, block_topk, choose, score
 from .kernels import reduce as reduce_partials
 from .layout import Part, component_at, is_token_matrix, layer_of, parts_of
 from .rank import TopK
 from .scores import release_memory, scored_parameters, score_model
-from .stats import Stats
+from .stats import Stats, step_for
 
 COLUMNS = ["metric", "scope", "rank", "param", "layer", "component", "row", "col", "score", "weight",
            "token_id", "token"]
@@ -210,8 +210,22 @@ def analyze(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], t
                 vals = s.reshape(-1)[idx[name].to(s.device)].double().cpu().tolist()
                 gathered[metric].update({(name, int(f)): v for f, v in zip(idx[name].tolist(), vals)})
 
+        def fused2(metric, name, w, g):  # the same, scoring a slice at a time: no score tensor of the whole
+            (names, part), = groups[name] if len(groups[name]) == 1 else ((None, True),)
+            if backend is None or part is not None:
+                return False
+            wf, gf = w.reshape(-1), g.reshape(-1)
+            step = step_for(w.device, chunk_size)
+            for start in range(0, wf.numel(), step) if exact_stats else ():
+                stats[metric].add(names, score(wf[start:start + step], gf[start:start + step], metric))
+            if name in idx:
+                i = idx[name].to(w.device)
+                vals = score(wf[i], gf[i], metric).double().cpu().tolist()
+                gathered[metric].update({(name, int(f)): v for f, v in zip(idx[name].tolist(), vals)})
+            return True
+
         score_model(model, windows, metrics, emit2, batch_size, fisher_dtype, progress, "pass 2/2",
-                    reduce=reduce)
+                    reduce=reduce, fused=fused2)
     result.gathered = gathered
     result.stats = {m: _nest(stats[m].summary()) for m in metrics}
     return result

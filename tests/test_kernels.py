@@ -205,8 +205,9 @@ def test_memory_saving_gives_the_same_scores(arch):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-phi3"])
 def test_analyze_with_the_fused_kernel_equals_score_tensors(backend, arch, windows):
-    """Pass 1 through the kernel (one read of weight and gradient, no score tensor) gives the same top-K,
-    statistics and layer/component sums as scoring into tensors; Phi-3's split tensors take the tensor path."""
+    """Through the kernel (pass 1: one read of weight and gradient, no score tensor; pass 2: scores made a
+    slice at a time) the top-K, statistics, layer/component sums and the scores gathered for cross-metric
+    agreement equal those of whole score tensors; Phi-3's split tensors take the tensor path."""
     from critlib.sensitivity import analyze
     from tests.conftest import tiny
     model = tiny(arch)
@@ -224,6 +225,11 @@ def test_analyze_with_the_fused_kernel_equals_score_tensors(backend, arch, windo
         for key in ("mean", "std", "sum"):
             assert got.stats[m]["global"][key] == pytest.approx(ref.stats[m]["global"][key], rel=1e-9)
         assert torch.equal(got.hist[m], ref.hist[m])
+        assert got.gathered[m] == ref.gathered[m]  # pass 2 scores slices: the same values at the union
+        assert got.stats[m]["global"]["top_share"] == ref.stats[m]["global"]["top_share"]
+        for layer, st in ref.stats[m]["per_layer"].items():
+            assert got.stats[m]["per_layer"][layer]["percentiles"] == st["percentiles"], (m, layer)
+            assert got.stats[m]["per_layer"][layer]["std"] == pytest.approx(st["std"], rel=1e-9)
         assert got.cells[m].keys() == ref.cells[m].keys()
         for key, (n, total) in ref.cells[m].items():
             assert got.cells[m][key][0] == n and got.cells[m][key][1] == pytest.approx(total, rel=1e-9)
