@@ -84,8 +84,11 @@ class Group:
     fine: dict[int, torch.Tensor] = field(default_factory=dict)  # pass 2: hi bin -> low-16-bit counts
     high_sum: torch.Tensor | None = None  # pass 2: float64 sum per bin, for bins ≥ the lowest top-share bin
 
+    device: torch.device = torch.device("cpu")  # where the scores were
+
     def merge(self, rows: torch.Tensor, counts: torch.Tensor) -> None:
         """Fold in `summarize` rows ([m, 5] or [5]) and their histogram, without leaving the device."""
+        self.device = counts.device
         if self.hist_count.device != counts.device:
             self.hist_count = self.hist_count.to(counts.device)
         self.hist_count += counts
@@ -231,8 +234,16 @@ class Stats:
         return rows.reshape(-1, 5)[:, 1].sum()
 
     def start_refine(self) -> None:
-        """Begin pass 2: from now on `add` collects the fine histograms inside the wanted bins."""
+        """Begin pass 2: from now on `add` collects the fine histograms inside the wanted bins. Their
+        counters are made here, all at once on the scores' device, rather than piecemeal during the next
+        backward pass (small long-lived blocks scattered among its activations keep a CPU heap from
+        shrinking)."""
         self._plan = {k: (g.wanted_bins(), g.share_floor()) for k, g in self.groups.items()}
+        for k, g in self.groups.items():
+            bins = self._plan[k][0]
+            block = torch.zeros((len(bins), 1 << 16), dtype=torch.int64, device=g.device)
+            g.fine = {b: block[j] for j, b in enumerate(bins)}
+            g.high_sum = torch.zeros(N_BINS, dtype=torch.float64, device=g.device)
 
     def _table(self, groups: list[str], device: torch.device):
         """Per set of groups: a lookup of the bins pass 2 keeps, and per group its wanted bins and floor."""
@@ -284,11 +295,9 @@ class Stats:
             mine = rows < len(bins)  # count only this group's bins: a catch-all bin would be contended on a GPU
             fine = torch.bincount((rows[mine] << 16) | lo[mine], minlength=len(bins) << 16)
             for j, b in enumerate(bins):
-                row = fine[j << 16:(j + 1) << 16]
-                grp.fine[b] = grp.fine[b] + row if b in grp.fine else row.clone()
+                grp.fine[b] += fine[j << 16:(j + 1) << 16]
         up = hi >= floor
-        add = torch.bincount(hi[up], weights=x[up].double(), minlength=N_BINS)
-        grp.high_sum = add if grp.high_sum is None else grp.high_sum + add
+        grp.high_sum += torch.bincount(hi[up], weights=x[up].double(), minlength=N_BINS)
 
     def summary(self) -> dict:
         self._flush()
