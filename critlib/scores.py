@@ -70,13 +70,13 @@ def memory_saving(model: torch.nn.Module, checkpointing: bool = False, sparse_em
 
     `checkpointing`: keep only each decoder layer's input and replay the layer in backward (activation
     memory of one layer instead of all); the replay does not count twice for wanda's input norms. On a
-    CPU it also maps allocations of 2 MiB or more apart from the heap (`_mmap_threshold`).
+    CPU it also maps allocations of 3 MiB or more apart from the heap (`_mmap_threshold`).
     `sparse_embedding`: the input embedding's gradient holds only the rows of tokens seen (for a tied
     lm_head/embedding it is added into the lm_head's dense gradient instead of a second dense matrix)."""
     saved: list = []
     try:
         if checkpointing and next(model.parameters()).device.type == "cpu":
-            _mmap_threshold(2 << 20)
+            _mmap_threshold(3 << 20)
             saved.append((None, "mmap_threshold", 32 << 20))
         if checkpointing:
             try:
@@ -204,8 +204,8 @@ class InputNorms:
 
 def _mmap_threshold(nbytes: int) -> None:
     """glibc: CPU allocations of `nbytes` or more get their own mapping, handed back to the system when
-    freed. At 2 MiB the heap no longer keeps what replayed layers and pass-2 buffers freed, so the resident
-    size stops creeping up (1B shape, fp32, two passes: 1.78× → 1.65× the weights; at 1 MiB 1.59×, but ≈ 15–25% slower); 32 MiB
+    freed. At 3 MiB the heap no longer keeps what replayed layers and pass-2 buffers freed, so the resident
+    size stops creeping up (1B shape, fp32, two passes: 1.78× → 1.66× the weights; at 1 MiB 1.59×, but 15–25% slower, as then each 2 MiB float64 step of critlib.stats is mapped afresh); 32 MiB
     is where glibc's own adaptive threshold ends up. Process-wide; a no-op where mallopt is missing."""
     import ctypes
     try:

@@ -63,8 +63,9 @@ def summarize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if is_triton_available(x.device):
             return fused_summarize(x)
     counts = torch.bincount(high_bits(x), minlength=N_BINS)
-    s = x.sum(dtype=torch.float64)  # float64 accumulation without a float64 copy of the chunk
-    m2 = (torch.linalg.vector_norm(x, dtype=torch.float64).square() - s * s / x.numel()).clamp_min_(0)
+    x64 = x.double()
+    s = x64.sum()
+    m2 = (torch.dot(x64, x64) - s * s / x.numel()).clamp_min_(0)
     lo, hi_v = torch.aminmax(x)
     return torch.stack([s.new_full((), x.numel()), s, m2, lo.double(), hi_v.double()]), counts
 
