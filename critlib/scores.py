@@ -205,8 +205,9 @@ class InputNorms:
 def _mmap_threshold(nbytes: int) -> None:
     """glibc: CPU allocations of `nbytes` or more get their own mapping, handed back to the system when
     freed. At 3 MiB the heap no longer keeps what replayed layers and pass-2 buffers freed, so the resident
-    size stops creeping up (1B shape, fp32, two passes: 1.78× → 1.66× the weights; at 1 MiB 1.59×, but 15–25% slower, as then each 2 MiB float64 step of critlib.stats is mapped afresh); 32 MiB
-    is where glibc's own adaptive threshold ends up. Process-wide; a no-op where mallopt is missing."""
+    size stops creeping up (1B shape, fp32, two passes: 1.78× → 1.66× the weights; 1 MiB gives 1.59× but
+    runs 15–25% slower, each 2 MiB float64 step of critlib.stats then being mapped afresh). 32 MiB is where
+    glibc's own adaptive threshold ends up. Process-wide; a no-op where mallopt is missing."""
     import ctypes
     try:
         ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
