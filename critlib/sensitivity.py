@@ -18,7 +18,8 @@ from . import CritlibError
 from .distributed import Reducer, shard
 from .distributed import active as dist_active
 from .io import atomic_path
-from .kernels import block_partials, block_topk, choose, score
+from .kernels import block_partials, block_topk, choose
+from .kernels import score as kernel_score
 from .kernels import reduce as reduce_partials
 from .layout import Part, component_at, is_token_matrix, layer_of, parts_of
 from .rank import TopK
@@ -217,10 +218,10 @@ def analyze(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], t
             wf, gf = w.reshape(-1), g.reshape(-1)
             step = step_for(w.device, chunk_size)
             for start in range(0, wf.numel(), step) if exact_stats else ():
-                stats[metric].add(names, score(wf[start:start + step], gf[start:start + step], metric))
+                stats[metric].add(names, kernel_score(wf[start:start + step], gf[start:start + step], metric))
             if name in idx:
                 i = idx[name].to(w.device)
-                vals = score(wf[i], gf[i], metric).double().cpu().tolist()
+                vals = kernel_score(wf[i], gf[i], metric).double().cpu().tolist()
                 gathered[metric].update({(name, int(f)): v for f, v in zip(idx[name].tolist(), vals)})
             return True
 

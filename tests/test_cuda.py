@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from critlib.kernels import block_partials, fused
+from critlib.kernels import fused
 from critlib.rank import topk_chunked
 from critlib.sensitivity import analyze
 from critlib.scores import score_model
