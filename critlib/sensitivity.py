@@ -102,6 +102,11 @@ def _groups(name: str, parts: list[Part]) -> list[tuple[list[str], Part | None]]
     return [(base, None)] + [([f"component:{p.component}"], p) for p in parts]
 
 
+def _unsplit(tensor_groups: list) -> list[str] | None:
+    """The groups of a tensor that is not split into parts (see `_groups`), else None."""
+    return tensor_groups[0][0] if len(tensor_groups) == 1 and tensor_groups[0][1] is None else None
+
+
 def _feed(stats: Stats, groups, scores: torch.Tensor, cells: dict | None = None, layer: int | None = None) -> None:
     """Feed each group its scores; in pass 1 also add the (count, float64 sum) of each (layer, component)
     cell to `cells`, from the sums the statistics compute anyway."""
@@ -145,7 +150,7 @@ def analyze(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], t
     ranks runs) each rank scores its share of `windows` and gradients are summed over ranks, so every rank
     returns the result of scoring all of `windows` (see critlib.distributed). `kernel` (auto, triton, torch,
     off; see critlib.kernels.choose) lets pass 1 rank and summarise grad_x_weight and grad_squared from one
-    read of each weight and gradient, without making their score tensors."""
+    read of each weight and gradient, and pass 2 score them a slice at a time: no whole score tensor."""
     check_k(model, topk_per_layer, topk_global)
     distributed = dist_active() if distributed is None else distributed and dist_active()
     reduce = Reducer() if distributed else None
@@ -173,8 +178,8 @@ def analyze(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], t
     backend = choose(kernel, next(model.parameters()).device)
 
     def fused1(metric, name, w, g):
-        (names, part), = groups[name] if len(groups[name]) == 1 else ((None, True),)
-        if backend is None or bottom or part is not None:  # bottom-K and split tensors need the scores
+        names = _unsplit(groups[name])
+        if backend is None or bottom or names is None:  # bottom-K and split tensors need the scores
             return False
         p = block_partials(w, g, metric, backend)
         total = stats[metric].merge(names, reduce_partials(p).reshape(1, 5), p.hist_count)
@@ -212,8 +217,8 @@ def analyze(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], t
                 gathered[metric].update({(name, int(f)): v for f, v in zip(idx[name].tolist(), vals)})
 
         def fused2(metric, name, w, g):  # the same, scoring a slice at a time: no score tensor of the whole
-            (names, part), = groups[name] if len(groups[name]) == 1 else ((None, True),)
-            if backend is None or part is not None:
+            names = _unsplit(groups[name])
+            if backend is None or names is None:
                 return False
             wf, gf = w.reshape(-1), g.reshape(-1)
             step = step_for(w.device, chunk_size)
