@@ -63,13 +63,12 @@ def test_untrimmed_candidates_as_on_a_gpu_give_the_same_topk(kind):
     n = 10_007
     gen = torch.Generator().manual_seed(2)
     x = {"increasing": torch.arange(float(n)), "random": torch.randn(n, generator=gen),
-         "ties": torch.randint(0, 50, (n,), generator=gen).float()}[kind]
+         "ties": torch.randint(0, 3000, (n,), generator=gen).float()}[kind]  # about 3 copies of each value
     for k in (1, 40):
         ref = full_sort(x.numpy())[:k]
         for trim in (True, False):
             found = _candidates(x, k, 320, trim=trim)
-            if found is None:
-                continue
+            assert found is not None and len(found[0]) < n // 4
             v, i = topk_exact(found[1], k)
             assert found[0][i].tolist() == ref.tolist(), (kind, k, trim)
 
