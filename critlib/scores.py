@@ -202,29 +202,30 @@ class InputNorms:
         return norm.clone()  # scale: |w_j|·‖x̂_j‖ = ‖y_j − b_j‖
 
 
+def _glibc(call: str, *args: int) -> None:
+    """Call a glibc malloc tuning function; a no-op where there is no glibc or no such function."""
+    import ctypes
+    try:
+        getattr(ctypes.CDLL("libc.so.6"), call)(*args)
+    except (OSError, AttributeError):
+        pass
+
+
 def _mmap_threshold(nbytes: int) -> None:
     """glibc: CPU allocations of `nbytes` or more get their own mapping, handed back to the system when
     freed. At 3 MiB the heap no longer keeps what replayed layers and pass-2 buffers freed, so the resident
     size stops creeping up (1B shape, fp32, two passes: 1.78× → 1.66× the weights; 1 MiB gives 1.59× but
     runs 15–25% slower, each 2 MiB float64 step of critlib.stats then being mapped afresh). 32 MiB is where
-    glibc's own adaptive threshold ends up. Process-wide; a no-op where mallopt is missing."""
-    import ctypes
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+    glibc's own adaptive threshold ends up. Process-wide."""
+    _glibc("mallopt", -3, nbytes)  # M_MMAP_THRESHOLD
 
 
 def release_memory() -> None:
     """Give freed CPU heap memory back to the system (glibc keeps it otherwise, and the next pass then
-    starts from a higher resident size). A no-op where glibc's malloc_trim is missing."""
-    import ctypes
+    starts from a higher resident size)."""
     import gc
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    _glibc("malloc_trim", 0)
 
 
 def _check_finite(name: str, g: torch.Tensor) -> None:

@@ -14,6 +14,7 @@ whose float64 and integer temporaries stay in cache instead of being allocated a
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -38,6 +39,7 @@ def _value(bits: int) -> float:
     return float(np.array([bits], dtype=np.int32).view(np.float32)[0])
 
 
+@functools.lru_cache(maxsize=1)
 def _midpoints() -> torch.Tensor:
     b = torch.arange(N_BINS, dtype=torch.int64) << 16
     lo = b.to(torch.int32).view(torch.float32).double()
