@@ -113,7 +113,10 @@ def test_summarize(setup):
     assert len(s) == 2 * 2 * 2
     r = s[(s.selector == "random") & (s.method == "noise") & (s.k == 5)].iloc[0]
     raw = df[(df.selector == "random") & (df.method == "noise") & (df.k == 5)]
-    assert r.n_draws == 3 and r.ppl_ratio_mean == raw.ppl_ratio.mean() and r.kl_std == raw.kl.std()
+    # a grouped mean and Series.mean sum in different orders: equal to the last few bits only
+    assert r.n_draws == 3
+    assert r.ppl_ratio_mean == pytest.approx(raw.ppl_ratio.mean(), rel=1e-12)
+    assert r.kl_std == pytest.approx(raw.kl.std(), rel=1e-9)
     assert s[s.selector == "top:grad_x_weight"].n_draws.eq(1).all()
 
 

@@ -207,7 +207,10 @@ def test_memory_saving_gives_the_same_scores(arch):
 def test_analyze_with_the_fused_kernel_equals_score_tensors(backend, arch, windows):
     """Through the kernel (pass 1: one read of weight and gradient, no score tensor; pass 2: scores made a
     slice at a time) the top-K, statistics, layer/component sums and the scores gathered for cross-metric
-    agreement equal those of whole score tensors; Phi-3's split tensors take the tensor path."""
+    agreement equal those of whole score tensors; Phi-3's split tensors take the tensor path.
+
+    Bit-equal where the order cannot differ: selections, integer counts, radix-selected order statistics
+    and elementwise products. Float sums (mean, std, top shares, cell totals) to a stated tolerance."""
     from critlib.sensitivity import analyze
     from tests.conftest import tiny
     model = tiny(arch)
@@ -226,7 +229,9 @@ def test_analyze_with_the_fused_kernel_equals_score_tensors(backend, arch, windo
             assert got.stats[m]["global"][key] == pytest.approx(ref.stats[m]["global"][key], rel=1e-9)
         assert torch.equal(got.hist[m], ref.hist[m])
         assert got.gathered[m] == ref.gathered[m]  # pass 2 scores slices: the same values at the union
-        assert got.stats[m]["global"]["top_share"] == ref.stats[m]["global"]["top_share"]
+        # the shares sum the same scores in another order (whole tensors vs slices; SIMD width differs by CPU)
+        for key, v in ref.stats[m]["global"]["top_share"].items():
+            assert got.stats[m]["global"]["top_share"][key] == pytest.approx(v, rel=1e-12), (m, key)
         for layer, st in ref.stats[m]["per_layer"].items():
             assert got.stats[m]["per_layer"][layer]["percentiles"] == st["percentiles"], (m, layer)
             assert got.stats[m]["per_layer"][layer]["std"] == pytest.approx(st["std"], rel=1e-9)
