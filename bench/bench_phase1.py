@@ -297,7 +297,7 @@ def _digest(args, rec: dict, params, dev, k: int, kt: int) -> dict:
 def _phase1(args, rec: dict) -> dict:
     import torch
 
-    from critlib import pipeline
+    from critlib.run import commands
     from critlib.params import load_params
     sets = [f"model={args.model}", f"device={args.device}"]
     if args.params is None:  # else the params file decides everything but the model and device
@@ -311,7 +311,7 @@ def _phase1(args, rec: dict) -> dict:
         sets += ["gradient_checkpointing=true", "sparse_embedding_grad=true"]
     params = load_params(args.params, sets)
     rec["params"] = sets
-    prepare = pipeline.prepare
+    prepare = commands.prepare
     info = {}
 
     def prepared(*a, **kw):
@@ -323,12 +323,12 @@ def _phase1(args, rec: dict) -> dict:
         _reset_peak(dev)
         return ctx
 
-    pipeline.prepare = prepared
+    commands.prepare = prepared
     runs, cpu = [], []
     for i in range(args.warmup + args.repeats):
         with tempfile.TemporaryDirectory() as out:
             t, c = time.perf_counter(), time.process_time()
-            pipeline.score(params, out, progress=False)
+            commands.score(params, out, progress=False)
             _sync(info["dev"])
             if i >= args.warmup:
                 runs.append(time.perf_counter() - t)

@@ -7,13 +7,14 @@ next to the magnitude and random baselines:
 - bit flips: damage of single-bit flips in the top-N weights of each selector, and flips needed to break the
   model (ppl ≥ factor × baseline) in damage order vs random flips.
 
-`run_applications` returns tidy DataFrames (one row per measured point); `run_command` is `critlib quantize`,
-`critlib prune`, `critlib bitflip` and `critlib applications`.
+`run_applications(model, windows, config)` returns tidy DataFrames (one row per measured point); the run layer
+(`critlib.run.applications`) writes them for notebook 06 and `critlib quantize|prune|bitflip|applications`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
@@ -29,6 +30,31 @@ from .rank import TopK
 from .scores import score_model, scored_parameters
 
 BASELINES = ("magnitude", "random")
+APPLICATIONS = ("quantize", "prune", "bitflip")
+
+
+@dataclass(frozen=True)
+class ApplicationsConfig:
+    """What the application experiments measure (field names are the params' keys; see params/default.yaml)."""
+    metrics: list[str]
+    seed: int
+    batch_size: int
+    fisher_dtype: str
+    quant_bits: list[int]
+    quant_group_size: int
+    quant_symmetric: bool
+    quant_keep_percents: list[float]
+    quant_clip_z: float
+    quant_include_head: bool
+    prune_sparsities: list[float]
+    prune_modes: list[str]
+    prune_protect_k: int
+    bitflip_top_n: int
+    bitflip_bits: list[str]
+    bitflip_eval_windows: int
+    bitflip_break_factor: float
+    bitflip_cap: int
+    bitflip_draws: int
 
 
 def selectors(metrics: list[str]) -> list[str]:
@@ -44,40 +70,41 @@ def _point(res: dict) -> dict:
     return {k: res[k] for k in ("ppl", "ppl_ratio", "kl", "nll", "accuracy")}
 
 
-def _selector_scores(ctx, selector: str, weights, seed: int, progress: bool) -> dict[str, torch.Tensor]:
-    p = ctx.params
+def _selector_scores(model, windows, cfg: ApplicationsConfig, selector: str, weights,
+                     progress: bool) -> dict[str, torch.Tensor]:
     if selector == "random":
-        return random_scores(weights, seed)
-    return linear_scores(ctx.loaded.model, ctx.windows.score, selector, weights, p.batch_size,
-                         DTYPES[p.fisher_dtype], progress)
+        return random_scores(weights, cfg.seed)
+    return linear_scores(model, windows.score, selector, weights, cfg.batch_size, DTYPES[cfg.fisher_dtype],
+                         progress)
 
 
-def _protect_sets(ctx, sens, weights, k: int) -> dict[str, dict[str, torch.Tensor]]:
+def _protect_sets(model, windows, cfg: ApplicationsConfig, sens, weights) -> dict[str, dict[str, torch.Tensor]]:
     """Per metric, its global top-k restricted to the pruned Linear weights (flat indices per tensor)."""
+    k = cfg.prune_protect_k
     if not k or sens is None:
         return {}
     names = {lw.name for lw in weights}
     out = {}
     for m in sens.metrics:
         coords: dict[str, list[int]] = {}
-        for name, flat, _ in _global_top(ctx, sens, m, k):
+        for name, flat, _ in _global_top(model, windows, cfg, sens, m, k):
             if name in names:
                 coords.setdefault(name, []).append(flat)
         out[m] = {n: torch.tensor(v) for n, v in coords.items()}
     return out
 
 
-def score_phase(ctx, sens, ev: Evaluator, want_quant: bool, want_prune: bool, progress: bool = True):
+def score_and_prune(model, windows, cfg: ApplicationsConfig, sens, ev: Evaluator, want_quant: bool,
+                    want_prune: bool, progress: bool = True):
     """One scoring pass per selector: derive the quantization keep sets (small) and run the pruning points
     while that selector's scores are in memory. Returns (keep sets per selector, pruning DataFrame)."""
-    p = ctx.params
-    model = ctx.loaded.model
+    p = cfg
     weights = linear_weights(model, p.quant_include_head)
     sels = selectors(p.metrics)
     n_max = budget(weights, max(p.quant_keep_percents)) if want_quant else None
     keeps: dict[str, dict[str, torch.Tensor]] = {}
     rows = []
-    protect = _protect_sets(ctx, sens, weights, p.prune_protect_k) if want_prune else {}
+    protect = _protect_sets(model, windows, cfg, sens, weights) if want_prune else {}
     if want_prune:
         with pruned(model, weights, {}) as info:
             rows.append(dict(mode="none", sparsity=0.0, selector="none", kind="reference", protected="",
@@ -86,7 +113,7 @@ def score_phase(ctx, sens, ev: Evaluator, want_quant: bool, want_prune: bool, pr
     n_points = len(sels) * len(p.prune_modes) * len(p.prune_sparsities) * (1 + len(protect)) if want_prune else 0
     bar = tqdm(total=n_points, desc="pruning", disable=not progress or not want_prune)
     for sel in sels:
-        scores = _selector_scores(ctx, sel, weights, p.seed, progress)
+        scores = _selector_scores(model, windows, cfg, sel, weights, progress)
         if want_quant:
             keeps[sel] = keep_sets(scores, n_max)
         if want_prune:
@@ -107,12 +134,11 @@ def score_phase(ctx, sens, ev: Evaluator, want_quant: bool, want_prune: bool, pr
     return keeps, pd.DataFrame(rows)
 
 
-def quantization_phase(ctx, keeps: dict, ev: Evaluator, superweights: list[tuple[str, int, int]] | None = None,
-                       progress: bool = True) -> pd.DataFrame:
+def quantization_points(model, cfg: ApplicationsConfig, keeps: dict, ev: Evaluator,
+                        superweights: list[tuple[str, int, int]] | None = None, progress: bool = True) -> pd.DataFrame:
     """Held-out ppl per (bits, selector, keep percent); one quantization per bit width serves every keep set.
     With quant_clip_z > 0 or `superweights`, adds the super-weight-aware points (clip, restore)."""
-    p = ctx.params
-    model = ctx.loaded.model
+    p = cfg
     weights = linear_weights(model, p.quant_include_head)
     rows = []
     pcts = sorted(set(p.quant_keep_percents))
@@ -154,33 +180,31 @@ def quantization_phase(ctx, keeps: dict, ev: Evaluator, superweights: list[tuple
     return pd.DataFrame(rows)
 
 
-def _global_top(ctx, sens, metric: str, n: int) -> list[tuple[str, int, float]]:
+def _global_top(model, windows, cfg: ApplicationsConfig, sens, metric: str, n: int) -> list[tuple[str, int, float]]:
     """The exact global top-n (param, flat, score) of `metric`: from Phase 1 when it kept enough, else scored."""
     if sens is not None and metric in sens.topk and n <= sens.topk[metric].k:
         return sens.global_top(metric, n)
-    model = ctx.loaded.model
     top = TopK(n)
     if metric == "magnitude":
         for name, prm in scored_parameters(model):
             top.add(name, prm.detach().float().abs())
     else:
-        score_model(model, ctx.windows.score, [metric], lambda m, name, s: top.add(name, s),
-                    ctx.params.batch_size, DTYPES[ctx.params.fisher_dtype], False)
+        score_model(model, windows.score, [metric], lambda m, name, s: top.add(name, s), cfg.batch_size,
+                    DTYPES[cfg.fisher_dtype], False)
     return top.global_topk(n, [name for name, _ in scored_parameters(model)])
 
 
-def bitflip_phase(ctx, sens, progress: bool = True) -> dict[str, pd.DataFrame]:
+def bitflip_points(model, windows, cfg: ApplicationsConfig, sens, progress: bool = True) -> dict[str, pd.DataFrame]:
     """Single-flip damage table, its ranking, and flips-to-break per selector (damage order) and for random
     flips (random weights, random bit positions, `bitflip_draws` draws, at most `bitflip_cap` flips)."""
-    p = ctx.params
-    model = ctx.loaded.model
-    ev = Evaluator(model, ctx.windows.heldout[: p.bitflip_eval_windows], p.batch_size)
+    p = cfg
+    ev = Evaluator(model, windows.heldout[: p.bitflip_eval_windows], p.batch_size)
     cands = []
     for sel in selectors(p.metrics):
         if sel == "random":
             pairs = [(n, f) for n, f in random_flip_weights(model, p.bitflip_top_n, p.seed)]
         else:
-            pairs = [(n, f) for n, f, _ in _global_top(ctx, sens, sel, p.bitflip_top_n)]
+            pairs = [(n, f) for n, f, _ in _global_top(model, windows, cfg, sens, sel, p.bitflip_top_n)]
         cands += [(sel, r, n, f) for r, (n, f) in enumerate(pairs, 1)]
     bar = tqdm(desc="bit flips", disable=not progress)
     table = single_flips(model, cands, p.bitflip_bits, ev, bar)
@@ -213,42 +237,31 @@ def random_flip_weights(model, n: int, seed: int) -> list[tuple[str, int]]:
     return select_random(model, n, seed).to_list()
 
 
-def run_applications(ctx, sens=None, progress: bool = True, which: tuple[str, ...] = ("quantize", "prune", "bitflip"),
-                     superweights: list[tuple[str, int, int]] | None = None) -> dict[str, pd.DataFrame]:
-    """Every application experiment on `ctx`'s model and held-out windows -> tidy tables: `quantization`,
-    `pruning`, `bitflip_single`, `bitflip_ranked`, `bitflip_break`. `sens` (Phase 1) supplies the top-N weights
-    for the bit flips (rescored when missing); `superweights` ((param, row, col)) adds super-weight-aware
-    quantization points."""
-    unknown = set(which) - {"quantize", "prune", "bitflip"}
+def run_applications(model, windows, cfg: ApplicationsConfig, sens=None, progress: bool = True,
+                     which: tuple[str, ...] = APPLICATIONS, superweights: list[tuple[str, int, int]] | None = None,
+                     timer=None) -> dict[str, pd.DataFrame]:
+    """Every application experiment on `model` and `windows` (`.score` to rank, `.heldout` to evaluate) -> tidy
+    tables: `quantization`, `pruning`, `bitflip_single`, `bitflip_ranked`, `bitflip_break`. `sens` (Phase 1)
+    supplies the top-N weights for the bit flips and the protected sets (rescored when missing);
+    `superweights` ((param, row, col)) adds super-weight-aware quantization points; `timer` (a
+    `critlib.manifest.Timer`) times each part."""
+    unknown = set(which) - set(APPLICATIONS)
     if unknown:
-        raise CritlibError(f"unknown application(s) {', '.join(sorted(unknown))}; choose quantize, prune, bitflip")
+        raise CritlibError(f"unknown application(s) {', '.join(sorted(unknown))}; choose {', '.join(APPLICATIONS)}")
+    stage = timer.stage if timer is not None else lambda name: nullcontext()
     out: dict[str, pd.DataFrame] = {}
     if "quantize" in which or "prune" in which:
-        ev = Evaluator(ctx.loaded.model, ctx.windows.heldout, ctx.params.batch_size)
-        with ctx.timer.stage("applications_scores_prune"):
-            keeps, prune_df = score_phase(ctx, sens, ev, "quantize" in which, "prune" in which, progress)
+        ev = Evaluator(model, windows.heldout, cfg.batch_size)
+        with stage("applications_scores_prune"):
+            keeps, prune_df = score_and_prune(model, windows, cfg, sens, ev, "quantize" in which, "prune" in which,
+                                              progress)
         if "prune" in which:
             out["pruning"] = prune_df
         if "quantize" in which:
-            with ctx.timer.stage("applications_quantize"):
-                out["quantization"] = quantization_phase(ctx, keeps, ev, superweights, progress)
+            with stage("applications_quantize"):
+                out["quantization"] = quantization_points(model, cfg, keeps, ev, superweights, progress)
         del ev
     if "bitflip" in which:
-        with ctx.timer.stage("applications_bitflip"):
-            out.update(bitflip_phase(ctx, sens, progress))
+        with stage("applications_bitflip"):
+            out.update(bitflip_points(model, windows, cfg, sens, progress))
     return out
-
-
-def run_command(command: str, params, outdir: str | Path | None = None, progress: bool = True) -> Path:
-    """`critlib quantize|prune|bitflip|applications`: run, write each table (parquet + csv) and a manifest."""
-    from .io import write_table, write_json
-    from .pipeline import manifest, prepare
-    which = {"quantize": ("quantize",), "prune": ("prune",), "bitflip": ("bitflip",),
-             "applications": ("quantize", "prune", "bitflip")}[command]
-    outdir = Path(outdir or params.output_dir)
-    ctx = prepare(params)
-    tables = run_applications(ctx, None, progress, which)
-    for name, df in tables.items():
-        write_table(outdir / name, df)
-    write_json(outdir / f"manifest_{command}.json", manifest(ctx, {"tables": sorted(tables)}))
-    return outdir

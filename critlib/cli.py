@@ -58,9 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _terminated)
     try:
-        if args.command in ("fingerprint", "verify"):
-            from .integrity import cli_command
-            return cli_command(args)
+        if args.command == "fingerprint":
+            from .run.commands import fingerprint
+            print(fingerprint(args.model, args.output, args.k, args.metric, args.params, args.set))
+            return 0
+        if args.command == "verify":
+            from .run.commands import verify
+            code, report = verify(args.model, args.file, args.set)
+            print(report)
+            return code
         if args.command == "run":
             from .report import run_report
             out = run_report(args.params, args.set, args.outdir, args.phases, progress=not args.quiet)
@@ -68,18 +74,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from .params import load_params
         params = load_params(args.params, args.set)
-        if args.command in ("quantize", "prune", "bitflip", "applications"):
-            from .applications import run_command
-            print(f"critlib: wrote {run_command(args.command, params, args.outdir, progress=not args.quiet)}")
-            return 0
         if args.command == "score":
             from .distributed import is_main, session
-            from .pipeline import score
+            from .run.commands import score
             with session(params.device):  # joins torchrun's process group when WORLD_SIZE > 1
                 out = score(params, args.outdir, progress=not args.quiet)
                 main_rank = is_main()
             if main_rank:
                 print(f"critlib: wrote {out}")
+            return 0
+        from .run.commands import applications
+        print(f"critlib: wrote {applications(args.command, params, args.outdir, progress=not args.quiet)}")
         return 0
     except CritlibError as e:
         print(f"critlib: error: {e}", file=sys.stderr)

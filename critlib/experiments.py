@@ -26,8 +26,7 @@ COLUMNS = ["selector", "metric", "method", "method_arg", "k", "draw", "n_selecte
 GROUP = ["selector", "metric", "method", "method_arg", "k"]
 VALUES = ["n_selected", "n_changed", "ppl", "ppl_ratio", "accuracy", "kl"]
 
-__all__ = ["COLUMNS", "Selector", "dose_response", "summarize", "default_selectors", "run_perturbation",
-           "parse_method"]
+__all__ = ["COLUMNS", "Selector", "dose_response", "summarize", "default_selectors", "parse_method"]
 
 
 @dataclass(frozen=True)
@@ -151,22 +150,6 @@ def default_selectors(model: torch.nn.Module, sens, metrics: list[str] | None = 
 
     out["magnitude"] = Selector(magnitude)
     return out
-
-
-def run_perturbation(ctx, sens, ks: list[int] | None = None, methods: list | None = None,
-                     n_random_draws: int | None = None, progress: bool = True) -> pd.DataFrame:
-    """`dose_response` with the run's model, held-out windows and `perturb_*` params (each overridable)."""
-    p = ctx.params
-    ks = list(p.perturb_ks if ks is None else ks)
-    methods = list(p.perturb_methods if methods is None else methods)
-    n_random_draws = p.n_random_draws if n_random_draws is None else n_random_draws
-    if ks and max(ks) > sens.topk_global:
-        raise CritlibError(f"perturb_ks has k={max(ks)} but Phase 1 kept an exact top-{sens.topk_global}; raise "
-                           f"topk_global to ≥ {max(ks)} or lower perturb_ks")
-    model = ctx.loaded.model
-    selectors = default_selectors(model, sens, sens.metrics, n_random_draws, p.seed)
-    return dose_response(model, ctx.windows.heldout, selectors, methods, ks, batch_size=p.batch_size,
-                         progress=progress)
 
 
 def describe_methods(methods: list[Method | str]) -> list[str]:

@@ -62,9 +62,15 @@ def critical_coords(model: torch.nn.Module, metrics: list[str], k: int, windows:
         raise CritlibError(f"metrics {', '.join(need_data)} need scoring windows; pass data or use magnitude")
     score_model(model, windows if windows is not None else torch.zeros(1, 2, dtype=torch.long), metrics,
                 lambda m, n, s: tops[m].add(n, s), batch_size, progress=False)
+    return critical_union({m: tops[m].global_topk(k, order) for m in metrics}, order)
+
+
+def critical_union(tops: dict[str, list[tuple]], order: list[str]) -> list[tuple[str, int, list[str]]]:
+    """(param, flat, [metrics whose top list holds it]) over every metric's (param, flat, ...) list, in model
+    order."""
     found: dict[tuple[str, int], list[str]] = {}
-    for m in metrics:
-        for name, flat, _ in tops[m].global_topk(k, order):
+    for m, top in tops.items():
+        for name, flat, *_ in top:
             found.setdefault((name, flat), []).append(m)
     pos = {n: i for i, n in enumerate(order)}
     return [(n, f, ms) for (n, f), ms in sorted(found.items(), key=lambda kv: (pos[kv[0][0]], kv[0][1]))]
@@ -181,42 +187,3 @@ def format_report(report: dict) -> str:
         lines.append(f"  critical weight {w['param']}{at}: {w['bits_expected']} ({w['value_expected']}) -> "
                      f"{w['bits_found']} ({w['value_found']})")
     return "\n".join(lines)
-
-
-def cli_command(args) -> int:
-    """`critlib fingerprint MODEL -o FILE [--k K] [--metric M ...]` and `critlib verify MODEL FILE`:
-    0 = written / unchanged, 1 = the model differs from the fingerprint (bad input raises CritlibError: 2)."""
-    from .models import load_model
-    from .params import load_params
-    if args.command == "verify":
-        fp = load_fingerprint(args.file)
-        meta = fp.get("meta", {})
-        params = load_params(None, [f"dtype={meta.get('dtype', 'fp32')}"] + list(args.set))
-        loaded = load_model(args.model, params.dtype, params.device, params.seed, None,
-                            params.trust_remote_code, params.revision)
-        report = verify(loaded.model, fp)
-        print(format_report(report))
-        return 0 if report["ok"] else 1
-    params = load_params(args.params, list(args.set) + [f"model={args.model}"])
-    metrics = list(dict.fromkeys(args.metric or ["magnitude"]))
-    from .params import METRICS
-    bad = [m for m in metrics if m not in METRICS]
-    if bad:
-        raise CritlibError(f"unknown metric(s) {', '.join(bad)}; choose from {', '.join(METRICS)}")
-    if args.k < 1:
-        raise CritlibError(f"--k {args.k} must be ≥ 1")
-    if metrics == ["magnitude"]:
-        loaded, windows = load_model(args.model, params.dtype, params.device, params.seed, params.tokenizer,
-                                     params.trust_remote_code, params.revision), None
-    else:
-        from .pipeline import prepare
-        ctx = prepare(params)
-        loaded, windows = ctx.loaded, ctx.windows.score
-    crit = critical_coords(loaded.model, metrics, args.k, windows, params.batch_size)
-    meta = {"source": args.model, "dtype": params.dtype, "metrics": metrics, "k": args.k}
-    if windows is not None:
-        meta.update(data=params.data, seq_len=params.seq_len, n_sequences=params.n_sequences)
-    fp = fingerprint(loaded.model, crit, extra=meta)
-    save_fingerprint(fp, args.output)
-    print(f"critlib: wrote {args.output} ({len(fp['tensors'])} tensors, {len(fp['critical'])} critical weights)")
-    return 0

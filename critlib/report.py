@@ -25,7 +25,9 @@ import yaml
 from . import CritlibError, __version__
 from .io import atomic_path, write_json
 from .params import Params, load_params
-from .phases import PHASES, Phase, read_headlines, select
+from .run import PHASES, Phase, select
+from .run.context import check_output_dir, move_into, new_staging
+from .run.headlines import read_headlines
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 KERNEL_NAME = "critlib-interpreter"
@@ -132,23 +134,6 @@ def execute(notebook: Path, output: Path, parameters: dict, kernel: str, cwd: st
                                progress_bar=progress, cwd=str(cwd), log_output=False)
 
 
-def _move_into(src: Path, dst: Path) -> None:
-    """Move every file under `src` to the same place under `dst`, each with one atomic rename; index.html
-    last, so a reader never sees an index that links pages not yet in place."""
-    files = sorted((f for f in src.rglob("*") if f.is_file()), key=lambda f: f.name == "index.html")
-    for f in files:
-        target = dst / f.relative_to(src)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(f, target)
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def run_report(params_file: str | Path | None = None, overrides: list[str] | dict | None = None,
                outdir: str | Path | None = None, phases: str | list | None = None, progress: bool = True,
                notebooks: str | Path | None = None) -> Path:
@@ -156,19 +141,16 @@ def run_report(params_file: str | Path | None = None, overrides: list[str] | dic
     the params' output_dir): `<phase>.ipynb`, `<phase>.html`, the phases' data files, `run.json`, and
     `index.html`. Raises CritlibError with the failing cell's error; the previous report stays intact."""
     params = load_params(params_file, overrides)
-    outdir = Path(outdir or params.output_dir).resolve()
+    outdir = check_output_dir(outdir or params.output_dir)
     nb_dir = Path(notebooks).resolve() if notebooks else NOTEBOOKS
     chosen = select(phases)
     for p in chosen:
         if not notebook_path(p, nb_dir).is_file():
             raise CritlibError(f"notebook {notebook_path(p, nb_dir)} is missing; critlib run needs the notebooks/ "
                                "folder of a critlib checkout")
-    outdir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.staging-", dir=outdir.parent))
+    staging = new_staging(outdir)  # holds the last run's cache: `--phases 3` reuses its Phase 1 scores
     failed = outdir.parent / f"{outdir.name}.failed"
     try:
-        if (outdir / "cache").is_dir():  # lets `--phases 3` reuse the Phase 1 scores of the last run
-            shutil.copytree(outdir / "cache", staging / "cache", copy_function=_link_or_copy)
         params.output_dir = str(outdir)
         resolved = staging / "params.yaml"
         with atomic_path(resolved) as tmp:
@@ -204,7 +186,7 @@ def run_report(params_file: str | Path | None = None, overrides: list[str] | dic
         headlines = read_headlines(outdir)
         headlines.update(read_headlines(staging))
         write_index(staging / "index.html", params, record, headlines)
-        _move_into(staging, outdir)
+        move_into(staging, outdir)
     except BaseException:
         if staging.exists():
             _fail(staging, failed, None, None)

@@ -272,19 +272,19 @@ def rank_in_phase1(records: list[dict], sens) -> list[dict]:
             for rec in records]
 
 
-def run_super_weights(ctx, sens=None, threshold: float = THRESHOLD, max_iters: int = 10, n_random: int = 3,
-                      max_new_tokens: int = 20) -> dict:
-    """Detection + validation on a pipeline Context, ready for superweights.json."""
-    model, tok = ctx.loaded.model, ctx.loaded.tokenizer
-    prompt = default_prompt_ids(tok)
+def super_weight_study(model: torch.nn.Module, heldout_windows: torch.Tensor, tokenizer=None, seed: int = 0,
+                       batch_size: int = 8, threshold: float = THRESHOLD, max_iters: int = 10, n_random: int = 3,
+                       max_new_tokens: int = 20) -> dict:
+    """Detection on the default prompt and validation on `heldout_windows`, JSON-ready (superweights.json)."""
+    prompt = default_prompt_ids(tokenizer)
     profile = activation_profile(model, prompt)
     found = find_super_weights(model, prompt, threshold, max_iters)
-    val = validate_super_weights(model, found, ctx.windows.heldout, n_random, ctx.params.seed, prompt, tok,
-                                 ctx.params.batch_size, max_new_tokens)
-    return {"super_weights": super_weight_records(found, val, sens), "joint": val["joint"],
+    val = validate_super_weights(model, found, heldout_windows, n_random, seed, prompt, tokenizer, batch_size,
+                                 max_new_tokens)
+    return {"super_weights": super_weight_records(found, val), "joint": val["joint"],
             "leave_one_out": val["leave_one_out"], "generation": val["generation"],
             "random_control": val["random_control"], "baseline": val["baseline"],
-            "detection": {"prompt_ids": prompt[0].tolist(), "prompt": _decode(tok, prompt[0].tolist()),
+            "detection": {"prompt_ids": prompt[0].tolist(), "prompt": _decode(tokenizer, prompt[0].tolist()),
                           "threshold": threshold, "max_iters": max_iters,
                           "profile": [dict(dataclasses.asdict(b), spike_ratio=r)
                                       for b, r in zip(profile, spike_ratios(profile))]}}

@@ -1,9 +1,5 @@
-"""Plotly figures of every phase (each function returns a `go.Figure`) and the histogram arithmetic behind
-the heavy-tail plots.
-
-Histograms come from `Sensitivity.hist`: exact counts of ALL scores in float32 high-16-bit bins (bin b holds
-the floats whose bit pattern lies in [b·2¹⁶, (b+1)·2¹⁶)), so bin lower edges are exact float values and no
-list of all scores is ever built. `setup()` makes figures display as the Plotly mimetype (live JupyterLab)
+"""Plotly figures of every phase: each function turns the frames of `critlib.tables` (or a phase's tables)
+into a `go.Figure`. `setup()` makes figures display as the Plotly mimetype (live JupyterLab)
 plus an HTML div without plotly.js (the report embeds plotly.js once per page).
 """
 
@@ -18,11 +14,8 @@ import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from .layout import COMPONENTS
-from .stats import N_BINS
+from .tables import ccdf, log_histogram
 
-MANTISSA_BITS = 7  # of the 16 high bits of a non-negative float32: 8 exponent bits, 7 mantissa bits
-FIRST_NORMAL = 1 << MANTISSA_BITS  # bins below hold zero and subnormals
-FIRST_NONFINITE = 255 << MANTISSA_BITS  # bins from here hold inf and NaN
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf")
 
@@ -48,58 +41,6 @@ def setup() -> None:
 
 def colors(names) -> dict[str, str]:
     return {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(names)}
-
-
-# ---------------------------------------------------------------- histogram arithmetic
-
-def bin_edges() -> np.ndarray:
-    """The lower edge (smallest float32 value) of each of the N_BINS high-16-bit bins, as float64."""
-    bits = (np.arange(N_BINS, dtype=np.int64) << 16).astype(np.uint32)
-    with np.errstate(invalid="ignore"):  # the NaN bit patterns of the top bins
-        return bits.view(np.float32).astype(np.float64)
-
-
-def _value_of_bin(b: np.ndarray) -> np.ndarray:
-    return (np.asarray(b, dtype=np.int64) << 16).astype(np.uint32).view(np.float32).astype(np.float64)
-
-
-def log_histogram(counts, per_octave: int = 4) -> tuple[pd.DataFrame, dict]:
-    """Coarsen exact high-16-bit bin counts to `per_octave` bins per power of two (1, 2, 4, ..., 128).
-
-    Returns one row per non-empty bin (lo, hi, count, fraction, per_octave: count / log2(hi/lo)) and the
-    counts that a log axis cannot show: {"zero_or_subnormal", "nonfinite", "total"}. Bin [lo, hi) edges are
-    exact float32 values; each coarse bin is a whole number of fine bins, so its count is exact.
-    """
-    if per_octave < 1 or per_octave > 1 << MANTISSA_BITS or per_octave & (per_octave - 1):
-        raise ValueError(f"per_octave={per_octave} must be a power of two from 1 to 128")
-    counts = np.asarray(counts, dtype=np.int64)
-    shift = MANTISSA_BITS - int(math.log2(per_octave))
-    total = int(counts.sum())
-    coarse = counts[FIRST_NORMAL:FIRST_NONFINITE].reshape(-1, 1 << shift).sum(axis=1)
-    first = FIRST_NORMAL >> shift
-    g = np.nonzero(coarse)[0] + first
-    lo, hi = _value_of_bin(g << shift), _value_of_bin((g + 1) << shift)
-    c = coarse[g - first]
-    df = pd.DataFrame({"lo": lo, "hi": hi, "count": c,
-                       "fraction": c / total if total else np.zeros(len(c)),
-                       "per_octave": c / np.log2(hi / lo)})
-    extra = {"zero_or_subnormal": int(counts[:FIRST_NORMAL].sum()),
-             "nonfinite": int(counts[FIRST_NONFINITE:].sum()), "total": total}
-    return df, extra
-
-
-def ccdf(counts, max_points: int | None = 2000) -> pd.DataFrame:
-    """P(score ≥ x) at x = the lower edge of each non-empty normal bin, exact (all scores of a bin lie at
-    or above its lower edge and below the next bin's). With `max_points`, keeps an evenly spaced subset
-    of the points (always the first and last)."""
-    counts = np.asarray(counts, dtype=np.int64)
-    total = int(counts.sum())
-    at_or_above = np.cumsum(counts[::-1])[::-1]
-    b = np.nonzero(counts[FIRST_NORMAL:FIRST_NONFINITE])[0] + FIRST_NORMAL
-    if max_points and len(b) > max_points:
-        b = b[np.unique(np.linspace(0, len(b) - 1, max_points).round().astype(np.int64))]
-    return pd.DataFrame({"x": _value_of_bin(b), "n_at_or_above": at_or_above[b],
-                         "p": at_or_above[b] / total if total else np.zeros(len(b))})
 
 
 # ---------------------------------------------------------------- phase 1
@@ -151,33 +92,6 @@ def score_ccdf(hists: dict[str, np.ndarray]) -> go.Figure:
     fig.update_yaxes(type="log", title="P(score ≥ x)", exponentformat="power")
     fig.update_layout(title="Heavy tail: complementary CDF over ALL weights", height=480)
     return fig
-
-
-def cells_frame(sens, k: int | None = None) -> pd.DataFrame:
-    """One row per (metric, layer, component): weights, score sum, share of the metric's total score,
-    global top-k count and share, and the parameters in the cell."""
-    from .layout import component_at, layer_of
-    k = k or sens.topk_global
-    names: dict[tuple, list[str]] = {}
-    for n in sens.order:
-        for p in sens.parts[n]:
-            names.setdefault((layer_of(n), p.component), []).append(n)
-    rows = []
-    for m in sens.metrics:
-        tops: dict[tuple, int] = {}
-        for n, f, _ in sens.global_top(m, k):
-            r, c = sens.coords(n, f)
-            key = (layer_of(n), component_at(sens.parts[n], r, c))
-            tops[key] = tops.get(key, 0) + 1
-        total = sum(v[1] for v in sens.cells[m].values())
-        for (layer, comp), (count, s) in sens.cells[m].items():
-            rows.append({"metric": m, "layer": layer, "component": comp, "n_weights": count, "score_sum": s,
-                         "score_share": s / total if total > 0 else float("nan"), "topk": tops.get((layer, comp), 0),
-                         "topk_share": tops.get((layer, comp), 0) / k, "k": k,
-                         "params": ", ".join(names.get((layer, comp), []))})
-    df = pd.DataFrame(rows)
-    df["layer"] = df["layer"].astype("Int64")
-    return df
 
 
 def _layer_label(layer) -> str:
@@ -234,14 +148,6 @@ def per_layer(cells: pd.DataFrame) -> go.Figure:
     fig.update_yaxes(tickformat=".0%")
     fig.update_layout(title="Per-layer comparison of the metrics", height=620)
     return fig
-
-
-def top_weights_view(table: pd.DataFrame, n: int = 10) -> pd.DataFrame:
-    """The first `n` global ranks of each metric, with decoded tokens, for display."""
-    g = table[table["scope"] == "global"]
-    g = g[g["rank"] <= n]
-    return g[["metric", "rank", "param", "layer", "component", "row", "col", "score", "weight", "token_id",
-              "token"]].reset_index(drop=True)
 
 
 # ---------------------------------------------------------------- phase 2

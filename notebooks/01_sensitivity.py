@@ -26,10 +26,11 @@ write_dir = None  # where files are written; None: output_dir (critlib run write
 # %%
 from IPython.display import Markdown, display
 
-from critlib import phases, viz
+from critlib import tables, viz
+from critlib.run import notebook, sensitivity
 
-P, ctx, out = phases.start(globals())
-p1 = phases.sensitivity(ctx, out)
+P, ctx, out = notebook.start(globals())
+p1 = sensitivity.run(ctx, out)
 sens = p1.sens
 display(Markdown(f"**Model** `{P.model}` ({ctx.loaded.info.get('n_params', 0):,} parameters, {P.dtype}), "
                  f"**data** `{P.data}`: {len(ctx.windows.score)} scoring + {len(ctx.windows.heldout)} held-out "
@@ -71,7 +72,7 @@ viz.score_ccdf(hists)
 # there (hover for the parameters and numbers; pick the metric in the menu).
 
 # %%
-cells = viz.cells_frame(sens)
+cells = tables.cells_frame(sens)
 viz.layer_component_heatmap(cells, "score_share")
 
 # %%
@@ -86,4 +87,4 @@ viz.per_layer(cells)
 # The full table (global and per-tensor top-K) is `top_weights.parquet` / `.csv`.
 
 # %%
-viz.top_weights_view(p1.table, 10)
+tables.top_weights_view(p1.table, 10)

@@ -23,12 +23,13 @@ write_dir = None  # where files are written; None: output_dir (critlib run write
 # %%
 from IPython.display import Markdown, display
 
-from critlib import agreement, phases, viz
+from critlib import agreement, viz
+from critlib.run import cross_metric, notebook, sensitivity
 
-P, ctx, out = phases.start(globals())
-p1 = phases.sensitivity(ctx, out, write=False)
+P, ctx, out = notebook.start(globals())
+p1 = sensitivity.results(ctx, out)
 sens = p1.sens
-r2 = phases.cross_metric_phase(ctx, p1, out)
+r2 = cross_metric.run(ctx, p1, out)
 display(Markdown(f"Top-K: K = {P.topk_global}. Runs compared: " + ", ".join(f"`{r}`" for r in r2["runs"])))
 
 # %% [markdown]

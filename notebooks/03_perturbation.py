@@ -24,11 +24,12 @@ write_dir = None  # where files are written; None: output_dir (critlib run write
 # %%
 from IPython.display import Markdown, display
 
-from critlib import phases, viz
+from critlib import viz
+from critlib.run import notebook, perturbation, sensitivity
 
-P, ctx, out = phases.start(globals())
-p1 = phases.sensitivity(ctx, out, write=False)
-r3 = phases.perturbation_phase(ctx, p1, out)
+P, ctx, out = notebook.start(globals())
+p1 = sensitivity.results(ctx, out)
+r3 = perturbation.run(ctx, p1, out)
 base = r3["baseline"]
 display(Markdown(f"Unperturbed held-out perplexity {base.get('ppl', float('nan')):.4g}, next-token accuracy "
                  f"{base.get('accuracy', float('nan')):.3f} over {base.get('n_tokens', 0):,} tokens. "

@@ -25,11 +25,12 @@ write_dir = None  # where files are written; None: output_dir (critlib run write
 import pandas as pd
 from IPython.display import Markdown, display
 
-from critlib import phases, viz
+from critlib import viz
+from critlib.run import notebook, sensitivity, super_weights
 
-P, ctx, out = phases.start(globals())
-p1 = phases.sensitivity(ctx, out, write=False)
-r4 = phases.super_weights_phase(ctx, p1, out)
+P, ctx, out = notebook.start(globals())
+p1 = sensitivity.results(ctx, out)
+r4 = super_weights.run(ctx, p1, out)
 sw = r4["super_weights"]
 display(Markdown(f"**{len(sw)} super weight(s)** found on the prompt {r4['detection']['prompt']!r} "
                  f"(threshold {r4['detection']['threshold']:g} × the median block)."))

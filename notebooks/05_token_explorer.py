@@ -25,10 +25,11 @@ write_dir = None  # where files are written; None: output_dir (critlib run write
 # %%
 from IPython.display import Markdown, display
 
-from critlib import phases, viz
+from critlib import viz
+from critlib.run import notebook, token_explorer
 
-P, ctx, out = phases.start(globals())
-ts = phases.token_explorer_phase(ctx, out)
+P, ctx, out = notebook.start(globals())
+ts = token_explorer.run(ctx, out)
 metric, role = ts.metrics[0], next(iter(ts.roles))
 display(Markdown(f"{ts.vocab_size:,} tokens; rows: " + ", ".join(f"{r} = `{n}`" for r, n in ts.roles.items())))
 

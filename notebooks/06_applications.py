@@ -33,12 +33,13 @@ write_dir = None  # where files are written; None: output_dir (critlib run write
 # %%
 from IPython.display import Markdown, display
 
-from critlib import phases, viz
+from critlib import viz
 from critlib.applications import selectors
+from critlib.run import applications, notebook, sensitivity
 
-P, ctx, out = phases.start(globals())
-p1 = phases.sensitivity(ctx, out, write=False)
-r6 = phases.applications_phase(ctx, p1, out)
+P, ctx, out = notebook.start(globals())
+p1 = sensitivity.results(ctx, out)
+r6 = applications.run(ctx, p1, out)
 ref = r6["pruning"][r6["pruning"]["kind"] == "reference"]
 sw = r6["super_weights"]
 display(Markdown(

@@ -117,7 +117,7 @@ def test_short_text(tmp_path, capsys):
 
 def test_failed_run_keeps_previous_results(tmp_path, capsys):
     assert run(tmp_path) == 0
-    before = {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()}
+    before = _files(tmp_path / "out")
     model = tiny("tiny-llama")
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
@@ -127,8 +127,12 @@ def test_failed_run_keeps_previous_results(tmp_path, capsys):
                "--set", "topk_global=3", "-q"])
     assert rc == 2
     assert "NaN or inf" in capsys.readouterr().err
-    after = {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()}
-    assert after == before  # nothing half-written, nothing lost, no temporary files left
+    assert _files(tmp_path / "out") == before  # nothing half-written, nothing lost
+    assert [p.name for p in tmp_path.iterdir() if "staging" in p.name] == []  # no temporary files left
+
+
+def _files(folder):
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
 def test_interrupted_write_leaves_old_file(tmp_path):

@@ -98,7 +98,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
 
 def test_cli_under_torchrun_matches_one_process(tmp_path):
     from critlib.params import load_params
-    from critlib.pipeline import score
+    from critlib.run.commands import score
     sets = ["model=tiny-llama", "data=random", "seq_len=12", "n_sequences=4", "n_heldout=2", "batch_size=2",
             "topk_global=30", "topk_per_layer=5", "device=cpu", "perturb_ks=[1]"]
     ref = score(load_params(None, sets), tmp_path / "one", progress=False)

@@ -2,13 +2,12 @@ import copy
 import hashlib
 import math
 
-import pandas as pd
 import pytest
 import torch
 
 from critlib import CritlibError
 from critlib.evaluate import evaluate
-from critlib.experiments import COLUMNS, Selector, default_selectors, dose_response, run_perturbation, summarize
+from critlib.experiments import COLUMNS, Selector, default_selectors, dose_response, summarize
 from critlib.params import Params, load_params
 from critlib.perturb import BitFlip, Scale, Selection, Zero, parse_method, select_random, select_top
 from critlib.sensitivity import analyze
@@ -144,17 +143,3 @@ def test_params_fields_and_validation():
                      ("perturb_methods=[]", "perturb_methods")]:
         with pytest.raises(CritlibError, match=msg):
             load_params(None, [bad])
-
-
-def test_run_perturbation_uses_context(setup):
-    model, heldout, sens = setup
-
-    class Ctx:
-        params = load_params(None, ["perturb_ks=[1]", "perturb_methods=zero", "n_random_draws=2", "batch_size=2"])
-        loaded = type("L", (), {"model": model})
-        windows = type("W", (), {"heldout": heldout})
-
-    df = run_perturbation(Ctx, sens, progress=False)
-    assert isinstance(df, pd.DataFrame) and len(df) == 5 + 2
-    with pytest.raises(CritlibError, match="topk_global"):
-        run_perturbation(Ctx, sens, ks=[sens.topk_global + 1], progress=False)

@@ -11,7 +11,7 @@ import pytest
 
 from critlib import experiments
 from critlib.params import valid_keys
-from critlib.phases import PHASES
+from critlib.run import PHASES
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOK_PARAMS = {"params_file", "output_dir", "write_dir"}

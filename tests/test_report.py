@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 
 from critlib import CritlibError, cli
-from critlib.phases import PHASES, read_headlines, select
+from critlib.run import PHASES, select
+from critlib.run.headlines import read_headlines
 from critlib.report import interpreter_kernel, plotlyjs
 from tests.conftest import REPO, tiny_report_params
 

@@ -9,7 +9,7 @@ from critlib import CritlibError
 from critlib.evaluate import evaluate
 from critlib.sensitivity import analyze
 from critlib.superweights import (activation_profile, default_prompt_ids, down_projections, find_super_weights,
-                                  rank_in_phase1, run_super_weights, super_weight_records, validate_super_weights)
+                                  rank_in_phase1, super_weight_records, super_weight_study, validate_super_weights)
 from tests.conftest import ARCHS, tiny
 
 ROW, COL = 5, 7  # hidden (output) channel, intermediate (input) channel
@@ -148,16 +148,10 @@ def test_default_prompt_ids_and_errors():
         find_super_weights(tiny("tiny-llama"), ids, threshold=0.5)
 
 
-def test_run_super_weights_on_a_context(heldout):
+def test_super_weight_study_takes_explicit_inputs(heldout):
     model = planted_llama()
     before = digest(model)
-
-    class Ctx:
-        params = type("P", (), {"seed": 0, "batch_size": 2})
-        loaded = type("L", (), {"model": model, "tokenizer": None})
-        windows = type("W", (), {"heldout": heldout})
-
-    out = run_super_weights(Ctx, n_random=2, max_new_tokens=4)
+    out = super_weight_study(model, heldout, batch_size=2, n_random=2, max_new_tokens=4)
     assert digest(model) == before
     assert {"super_weights", "joint", "generation", "random_control", "detection"} <= set(out)
     assert [(r["row"], r["col"]) for r in out["super_weights"]] == [(ROW, COL)]

@@ -1,0 +1,49 @@
+"""Results one phase hands to later ones, kept in `<run>/cache/` under a key of everything they depend on
+(parameters, data windows, model identity, the code that computes them), so the notebooks of one run compute
+each phase once and a notebook run alone recomputes whatever is missing. Nothing here is ever unpickled:
+tensors are read with weights_only, the rest is JSON."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from .. import __version__
+from ..io import write_json
+from .context import Context
+
+CODE = Path(__file__).resolve().parent.parent
+
+
+def code_hash(modules: tuple[str, ...]) -> str:
+    h = hashlib.sha256()
+    for mod in modules:
+        h.update((CODE / f"{mod}.py").read_bytes())
+    return h.hexdigest()
+
+
+def key(ctx: Context, param_keys: tuple[str, ...], modules: tuple[str, ...], **extra) -> str:
+    """sha256 of the named params, the windows, the model, the device, critlib's version and its code."""
+    p = ctx.params
+    ident = {k: getattr(p, k) for k in param_keys}
+    ident.update(windows=ctx.windows.sha256, model_info=ctx.loaded.info, critlib=__version__,
+                 device=str(next(ctx.model.parameters()).device), code=code_hash(modules), **extra)
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def path(outdir: str | Path, name: str) -> Path:
+    return Path(outdir) / "cache" / name
+
+
+def load_json(outdir: str | Path, name: str, want: str):
+    """The cached JSON value stored under key `want`, or None (missing, unreadable or another key)."""
+    try:
+        data = json.loads(path(outdir, name).read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("value") if isinstance(data, dict) and data.get("key") == want else None
+
+
+def save_json(outdir: str | Path, name: str, key_: str, value) -> None:
+    write_json(path(outdir, name), {"key": key_, "value": value})
