@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import CritlibError
+from .edit import edit_weights
 from .io import atomic_path
 from .scores import scored_parameters
 
@@ -67,7 +68,6 @@ class FrozenWeights:
 
     def __init__(self, model: torch.nn.Module, masks: dict[str, torch.Tensor], optimizer=None):
         named = dict(model.named_parameters(remove_duplicate=False))
-        self.entries = []
         self.handles = []
         seen = set()
         for name, m in masks.items():
@@ -80,20 +80,17 @@ class FrozenWeights:
             if id(p) in seen:
                 raise CritlibError(f"two masks name the same (tied) parameter as {name}; merge them into one")
             seen.add(id(p))
-            idx = m.reshape(-1).nonzero().flatten().to(p.device)
-            if not idx.numel():
-                continue
-            mask = m.to(p.device)
-            self.entries.append((p, idx, p.detach().reshape(-1)[idx].clone()))
-            self.handles.append(p.register_hook(lambda g, mask=mask: g.masked_fill(mask, 0)))
+        self.frozen = edit_weights(named, masks)  # a snapshot: nothing changes until `restore` writes it back
+        for name, m in masks.items():
+            if bool(m.any()):
+                p = named[name]
+                self.handles.append(p.register_hook(lambda g, mask=m.to(p.device): g.masked_fill(mask, 0)))
         if optimizer is not None:
             self.handles.append(optimizer.register_step_post_hook(lambda opt, args, kwargs: self.restore()))
 
-    @torch.no_grad()
     def restore(self) -> None:
         """Write the frozen values back (bit-identical)."""
-        for p, idx, vals in self.entries:
-            p.data.view(-1).index_copy_(0, idx, vals)
+        self.frozen.restore()
 
     def remove(self) -> None:
         for h in self.handles:

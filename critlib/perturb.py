@@ -2,8 +2,8 @@
 
 A `Selection` names weights by (parameter name, flat row-major index) — the coordinates Phase 1 ranks in.
 A method (`Zero`, `SignFlip`, `Scale`, `Noise`, `TensorMean`, `BitFlip`) maps the stored values of the
-selected weights to new stored values. `perturbed` applies a method and restores the saved originals on
-exit, error or not; only the touched values are saved, never a copy of the model.
+selected weights to new stored values. `perturbed` applies a method through `critlib.edit` and restores the
+saved originals on exit, error or not; only the touched values are saved, never a copy of the model.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Iterable, Iterator
 import torch
 
 from . import CritlibError
+from .edit import as_bits, edit_weights, edited
 from .rank import TopK
 from .scores import scored_parameters
 
@@ -78,7 +79,6 @@ _FLOAT_BITS = {  # dtype -> (total bits, exponent bits, mantissa bits)
 for _f8, _bits8 in (("float8_e4m3fn", (8, 4, 3)), ("float8_e5m2", (8, 5, 2))):
     if hasattr(torch, _f8):
         _FLOAT_BITS[getattr(torch, _f8)] = _bits8
-_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _layout(dtype: torch.dtype) -> tuple[int, int, int]:
@@ -100,11 +100,6 @@ def exponent_bits(dtype: torch.dtype) -> list[int]:
 
 def mantissa_bits(dtype: torch.dtype) -> list[int]:
     return list(range(_layout(dtype)[2]))
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The raw bit pattern of `t` as a signed integer tensor of the same element size."""
-    return t.view(_INT_OF_SIZE[t.element_size()])
 
 
 # ---------------------------------------------------------------------------------------------- methods
@@ -201,7 +196,7 @@ class BitFlip:
         mask = 1 << self.position(values.dtype)
         if mask >= 1 << (total - 1):
             mask -= 1 << total  # the sign bit as a signed integer of that width
-        return torch.bitwise_xor(_bits(values), mask).view(values.dtype)
+        return torch.bitwise_xor(as_bits(values), mask).view(values.dtype)
 
 
 METHODS = {"zero": Zero, "sign_flip": SignFlip, "scale": Scale, "noise": Noise, "mean": TensorMean,
@@ -262,72 +257,36 @@ class Applied:
     n_changed: int
 
 
-def _flat_params(model: torch.nn.Module, selection: Selection) -> list[tuple[str, torch.Tensor]]:
+def _named_params(model: torch.nn.Module, selection: Selection) -> dict[str, torch.Tensor]:
+    """The model's parameters by name (tied ones once), having checked that the selection names only those."""
     params = dict(scored_parameters(model))
     aliases = {}
     from .models import tied_groups
     for first, names in tied_groups(model).items():
         aliases.update({n: first for n in names[1:]})
-    out = []
-    for name, idx in selection.coords.items():
+    for name in selection.coords:
         if name not in params:
             hint = f"; it is tied to {aliases[name]}: use that name" if name in aliases else \
                 "; names come from model.named_parameters()"
             raise CritlibError(f"the selection names parameter '{name}', which the model does not have{hint}")
-        p = params[name]
-        if not p.is_contiguous():
-            raise CritlibError(f"parameter {name} is not contiguous in memory; call model.to(memory_format="
-                               "torch.contiguous_format) or clone its data first")
-        if int(idx[0]) < 0 or int(idx[-1]) >= p.numel():
-            bad = int(idx[0]) if int(idx[0]) < 0 else int(idx[-1])
-            raise CritlibError(f"flat index {bad} is out of range for {name} ({p.numel()} weights)")
-        out.append((name, p))
-    return out
+    return params
 
 
-def _apply(model, selection: Selection, method: Method, saved: list) -> Applied:
-    """Perturb in place; append (flat view, index, original values) to `saved` BEFORE each change."""
-    n_changed = 0
-    with torch.no_grad():
-        for name, p in _flat_params(model, selection):
-            flat = p.data.view(-1)
-            idx = selection.coords[name].to(flat.device)
-            old = flat.index_select(0, idx)
-            saved.append((flat, idx, old))
-            new = method.apply(old, p, name)
-            if new.dtype != old.dtype or new.shape != old.shape:
-                raise CritlibError(f"method {method!r} returned {new.dtype} {tuple(new.shape)} for {name}, "
-                                   f"expected {old.dtype} {tuple(old.shape)}")
-            n_changed += int((_bits(new) != _bits(old)).sum())
-            flat.index_copy_(0, idx, new)
-    return Applied(len(selection), n_changed)
-
-
-def _restore(saved: list) -> None:
-    with torch.no_grad():
-        for flat, idx, old in reversed(saved):
-            flat.index_copy_(0, idx, old)
+def _new_values(method: Method):
+    return lambda name, param, index, old: method.apply(old, param, name)
 
 
 @contextmanager
 def perturbed(model: torch.nn.Module, selection: Selection, method: Method) -> Iterator[Applied]:
     """Apply `method` to the selected weights for the duration of the block; restore them bit for bit on
     exit, also on error. Yields `Applied(n_selected, n_changed)`."""
-    saved: list = []
-    try:
-        yield _apply(model, selection, method, saved)
-    finally:
-        _restore(saved)
+    with edited(_named_params(model, selection), selection.coords, _new_values(method)) as edit:
+        yield Applied(edit.n_selected, edit.n_changed)
 
 
 def perturb(model: torch.nn.Module, selection: Selection, method: Method) -> int:
-    """Apply `method` for good (nothing restored); returns how many values changed bitwise."""
-    saved: list = []
-    try:
-        return _apply(model, selection, method, saved).n_changed
-    except BaseException:
-        _restore(saved)
-        raise
+    """Apply `method` for good (nothing restored unless it fails); returns how many values changed bitwise."""
+    return edit_weights(_named_params(model, selection), selection.coords, _new_values(method)).n_changed
 
 
 # ------------------------------------------------------------------------------------------- selectors

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from . import CritlibError
+from .edit import edited
 from .quantize import LinearWeight
 from .scores import score_model
 
@@ -98,8 +99,8 @@ def prune_masks(scores: dict[str, torch.Tensor], sparsity: float, mode: str = "p
 
 @dataclass
 class Pruned:
-    """What `pruned` did: weights masked, masked weights that were not already 0, and the zeros counted in
-    the pruned tensors afterwards (the real sparsity is n_zero / n_weights)."""
+    """What `pruned` did: weights masked, masked weights whose stored bits changed (all but those already
+    +0.0), and the zeros counted in the pruned tensors afterwards (the real sparsity is n_zero / n_weights)."""
     n_weights: int = 0
     n_masked: int = 0
     n_changed: int = 0
@@ -113,26 +114,11 @@ class Pruned:
 @contextmanager
 def pruned(model: torch.nn.Module, weights: list[LinearWeight], masks: dict[str, torch.Tensor]):
     """Zero the masked weights for the block; only the masked values are saved, and restored on exit."""
-    saved = []
-    info = Pruned()
-    try:
-        with torch.no_grad():
-            for lw in weights:
-                flat = lw.param.detach().view(-1)
-                info.n_weights += flat.numel()
-                if lw.name in masks:
-                    idx = masks[lw.name].reshape(-1).to(flat.device).nonzero().flatten()
-                    old = flat[idx].clone()
-                    saved.append((flat, idx, old))
-                    flat[idx] = 0
-                    info.n_masked += int(idx.numel())
-                    info.n_changed += int((old != 0).sum())
-                info.n_zero += int((flat == 0).sum())
+    params = {lw.name: lw.param for lw in weights}
+    with edited(params, {name: masks[name] for name in params if name in masks}, lambda *_: 0.0) as edit:
+        info = Pruned(sum(p.numel() for p in params.values()), edit.n_selected, edit.n_changed,
+                      sum(int((p.detach() == 0).sum()) for p in params.values()))
         yield info
-    finally:
-        with torch.no_grad():
-            for flat, idx, old in reversed(saved):
-                flat[idx] = old
 
 
 def linear_scores(model: torch.nn.Module, windows: torch.Tensor, metric: str, weights: list[LinearWeight],

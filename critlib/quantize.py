@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import CritlibError
+from .edit import edited
 
 OUTLIER_BYTES = 2 + 4  # fp16 value + int32 flat index
 SCALE_BYTES = 2
@@ -177,54 +178,32 @@ def quantized(model: torch.nn.Module, cfg: QuantConfig, weights: list[LinearWeig
         keep[name] = torch.cat([keep[name].reshape(-1).cpu(), idx]).unique() if name in keep else idx
     info = Quantized([lw.name for lw in weights], sum(lw.param.numel() for lw in weights),
                      sum(size_bytes(tuple(lw.param.shape), cfg, lw.in_dim) for lw in weights),
-                     2 * sum(lw.param.numel() for lw in weights))
-    saved = info.originals
-    try:
-        with torch.no_grad():
-            for lw in weights:
-                p = lw.param
-                orig = p.detach().to("cpu", copy=True)
-                saved[lw.name] = orig
-                q = fake_quantize(p.detach(), cfg, lw.in_dim)
-                if lw.name in keep:
-                    idx = keep[lw.name].reshape(-1).to(p.device)
-                    q.view(-1)[idx] = p.detach().reshape(-1)[idx]
-                    info.n_kept += int(idx.numel())
-                info.n_changed += int((q.view(_int_of(q)) != p.detach().view(_int_of(q))).sum())
-                p.copy_(q)
+                     2 * sum(lw.param.numel() for lw in weights),
+                     n_kept=sum(int(keep[n].numel()) for n in by_name if n in keep))
+
+    def quantize(name, param, index, w):  # index is None: w is the whole weight, as stored
+        q = fake_quantize(w, cfg, by_name[name].in_dim)
+        if name in keep:
+            idx = keep[name].reshape(-1).to(w.device)
+            q.put_(idx, w.take(idx))  # flat row-major indices, also into a transposed (Conv1D) result
+        return q
+
+    params = {lw.name: lw.param for lw in weights}
+    with edited(params, dict.fromkeys(params), quantize, save_on="cpu") as edit:
+        info.n_changed, info.originals = edit.n_changed, edit.originals
         yield info
-    finally:
-        with torch.no_grad():
-            for lw in weights:
-                if lw.name in saved:
-                    lw.param.copy_(saved[lw.name].to(lw.param.device))
-
-
-def _int_of(t: torch.Tensor) -> torch.dtype:
-    return {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
 
 
 @contextmanager
 def kept_originals(weights: list[LinearWeight], info: Quantized, keep: dict[str, torch.Tensor]):
     """Inside a `quantized` block: put the original values back at `keep[name]` flat indices, and the quantized
     values again on exit (so one quantization serves many keep sets)."""
-    saved = {}
-    try:
-        with torch.no_grad():
-            for lw in weights:
-                if lw.name not in keep or not keep[lw.name].numel():
-                    continue
-                flat = lw.param.detach().view(-1)
-                idx = keep[lw.name].reshape(-1).to(flat.device)
-                saved[lw.name] = (idx, flat[idx].clone())
-                flat[idx] = info.originals[lw.name].reshape(-1)[idx.cpu()].to(flat.device)
+    def original(name, param, index, quant):
+        return info.originals[name].reshape(-1)[index.cpu()].to(quant.device)
+
+    params = {lw.name: lw.param for lw in weights if lw.name in keep}
+    with edited(params, {name: keep[name] for name in params}, original):
         yield
-    finally:
-        with torch.no_grad():
-            for lw in weights:
-                if lw.name in saved:
-                    idx, vals = saved[lw.name]
-                    lw.param.detach().view(-1)[idx] = vals
 
 
 def keep_sets(scores: dict[str, torch.Tensor], n: dict[str, int]) -> dict[str, torch.Tensor]:

@@ -96,6 +96,21 @@ def test_pruned_model_has_exact_sparsity_protects_and_restores(mode):
         assert torch.equal(p.detach().view(torch.int32), before[n].view(torch.int32))
 
 
+def test_pruned_counts_bit_changes_and_restores_signed_zeros():
+    m = tiny("tiny-llama")
+    weights = linear_weights(m)
+    w = weights[0].param
+    with torch.no_grad():
+        w.view(-1)[:3] = torch.tensor([0.0, -0.0, 1.0])
+    before = w.detach().clone()
+    mask = torch.zeros(w.shape, dtype=torch.bool)
+    mask.view(-1)[:3] = True
+    with pruned(m, weights, {weights[0].name: mask}) as info:
+        assert (info.n_masked, info.n_changed) == (3, 2)  # +0.0 stays, -0.0 becomes +0.0, 1.0 becomes +0.0
+        assert (w.detach().view(-1)[:3].view(torch.int32) == 0).all()
+    assert torch.equal(w.detach().view(torch.int32), before.view(torch.int32))
+
+
 def test_linear_scores_magnitude_and_wanda(windows):
     m = tiny("tiny-llama")
     weights = linear_weights(m)
@@ -112,10 +127,10 @@ def test_linear_scores_magnitude_and_wanda(windows):
 
 
 def test_run_applications_tiny_end_to_end(tmp_path):
-    from critlib.applications import run_applications, selectors
+    from critlib.applications import ApplicationsConfig, run_applications, selectors
     from critlib.cli import main
     from critlib.params import load_params
-    from critlib.pipeline import prepare
+    from critlib.run.context import config_from, prepare
     sets = ["model=tiny-llama", "data=random", "seq_len=12", "n_sequences=2", "n_heldout=2", "device=cpu",
             "metrics=[grad_x_weight, wanda]", "quant_group_size=16", "quant_keep_percents=[0, 1]",
             "prune_sparsities=[0.5]", "bitflip_top_n=1", "bitflip_bits=[sign, 30]", "bitflip_cap=8",
@@ -123,7 +138,8 @@ def test_run_applications_tiny_end_to_end(tmp_path):
     ctx = prepare(load_params(None, sets))
     before = {n: p.detach().clone() for n, p in ctx.loaded.model.named_parameters()}
     sw = [(linear_weights(ctx.loaded.model)[0].name, 1, 2)]
-    out = run_applications(ctx, None, progress=False, superweights=sw)
+    out = run_applications(ctx.model, ctx.windows, config_from(ApplicationsConfig, ctx.params), progress=False,
+                           superweights=sw)
     sels = selectors(["grad_x_weight", "wanda"])
     assert sels == ["grad_x_weight", "wanda", "magnitude", "random"]
     q, p, b = out["quantization"], out["pruning"], out["bitflip_break"]

@@ -122,6 +122,22 @@ def test_quantized_keeps_outliers_restores_super_weights_and_restores_bits():
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
+def test_quantized_keeps_flat_indices_of_conv1d_weights():
+    m = tiny("tiny-gpt2")  # Conv1D weights [in, out], quantized along dim 0
+    weights = linear_weights(m)
+    lw = weights[0]
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    keep = {lw.name: torch.tensor([0, 3, lw.param.numel() - 1])}
+    cfg = QuantConfig(3, 16)
+    with quantized(m, cfg, weights, keep=keep, restore=[(lw.name, 1, 2)]) as q:
+        want = fake_quantize(before[lw.name], cfg, in_dim=0).reshape(-1)
+        flat_kept = torch.tensor([0, 3, lw.param.numel() - 1, lw.param.shape[1] + 2])
+        want[flat_kept] = before[lw.name].reshape(-1)[flat_kept]
+        assert torch.equal(lw.param.detach().reshape(-1), want) and q.n_kept == 4
+        assert q.n_changed == sum(int((p.detach() != before[n]).sum()) for n, p in m.named_parameters())
+    assert all(torch.equal(p.detach().view(torch.int32), before[n].view(torch.int32)) for n, p in m.named_parameters())
+
+
 def test_quantized_restores_on_error():
     m = tiny("tiny-llama")
     before = _bits(m)
