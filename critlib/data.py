@@ -42,7 +42,7 @@ def read_texts(source: str, text_field: str = "text") -> list[str]:
                            "nor an existing .txt, .jsonl or .npy file; check the path")
     if path.suffix == ".jsonl":
         texts = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(_utf8_text(path).split("\n"), 1):  # not splitlines: JSON may hold U+2028
             if not line.strip():
                 continue
             try:
@@ -54,10 +54,20 @@ def read_texts(source: str, text_field: str = "text") -> list[str]:
                                    "the field that holds the text")
             texts.append(obj[text_field])
         return texts
+    return [_utf8_text(path)]
+
+
+def _utf8_text(path: Path) -> str:
+    """The file's text with newlines as `read_text` gives them (\\r\\n and \\r become \\n); a file that is
+    not UTF-8 is an error naming the line of the first bad byte."""
+    data = path.read_bytes()
     try:
-        return [path.read_text(encoding="utf-8")]
-    except UnicodeDecodeError:
-        raise CritlibError(f"{path} is not UTF-8 text; give a UTF-8 .txt/.jsonl or a .npy of token ids") from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise CritlibError(f"{path} is not UTF-8 text (line {line} has byte 0x{data[e.start]:02x}); save it as "
+                           "UTF-8, or give a .npy of token ids") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def tokenize(texts: list[str], tokenizer) -> np.ndarray:

@@ -11,6 +11,10 @@ import yaml
 from . import CritlibError
 
 METRICS = ("grad_x_weight", "grad_squared", "fisher", "magnitude", "wanda")
+DTYPES = ("fp32", "bf16", "fp16")
+# torch's and transformers' names of the same dtypes (also with a "torch." prefix), normalised on validation
+DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding (used by datasets and transformers) takes no larger seed
 
 
 @dataclass
@@ -27,10 +31,10 @@ class Params:
     batch_size: int = 8
     prepend_bos: bool = True
     metrics: list[str] = field(default_factory=lambda: list(METRICS))
-    topk_per_layer: int = 100
+    topk_per_layer: int = 100  # a tensor with fewer weights keeps all of them (e.g. a norm of a tiny model)
     topk_global: int = 1000
     seed: int = 0
-    dtype: str = "fp32"
+    dtype: str = "fp32"  # fp32, bf16, fp16; also float32, bfloat16, float16 or torch.float32 (normalised)
     device: str = "auto"
     exact_stats: bool = True
     chunk_size: int = 1 << 30  # most elements ranked or summarised at once (CPU: at most 2**18, GPU: 2**26)
@@ -66,9 +70,11 @@ class Params:
     # Phase 2 stability (critlib.agreement): other window seeds and a second corpus ("" = skip) to compare with
     stability_seeds: list[int] = field(default_factory=lambda: [1])
     stability_data: str = "alt"
-    # Phase 3 report: held-out windows the dose-response evaluates on (0 = all n_heldout), for time budgets
+    # Phase 3 report: held-out windows the dose-response evaluates on (0 = all n_heldout), for time budgets;
+    # a value above n_heldout is lowered to n_heldout (all of them), so it never stops the other phases
     perturb_heldout: int = 0
-    # Phase 6 report: held-out windows quantization and pruning evaluate on (0 = all n_heldout), for time budgets
+    # Phase 6 report: held-out windows quantization and pruning evaluate on (0 = all n_heldout), for time budgets;
+    # likewise lowered to n_heldout
     applications_heldout: int = 0
     # Phase 5 token explorer: tokens pre-rendered in the static HTML (top tokens by row score)
     token_explorer_top: int = 30
@@ -79,6 +85,7 @@ class Params:
                 raise CritlibError(f"{key}={getattr(self, key)} must be a positive integer")
         if self.n_heldout < 0:
             raise CritlibError(f"n_heldout={self.n_heldout} must be ≥ 0")
+        _check_seed("seed", self.seed)
         if self.seq_len < 2:
             raise CritlibError(f"seq_len={self.seq_len} is too short: next-token loss needs at least 2 tokens")
         for key in ("topk_per_layer", "topk_global"):
@@ -87,16 +94,15 @@ class Params:
         if isinstance(self.metrics, str):
             self.metrics = [m.strip() for m in self.metrics.split(",") if m.strip()]
         if not self.metrics:
-            raise CritlibError(f"metrics is empty; choose from: {', '.join(METRICS)}")
+            raise CritlibError(f"metrics is empty; name at least one metric, e.g. metrics=magnitude; choose from: "
+                               f"{', '.join(METRICS)}")
         for m in self.metrics:
             if m not in METRICS:
                 raise CritlibError(f"unknown metric '{m}'; choose from: {', '.join(METRICS)}")
         if len(set(self.metrics)) != len(self.metrics):
             raise CritlibError(f"metrics lists a metric twice: {self.metrics}")
-        if self.dtype not in ("fp32", "bf16", "fp16"):
-            raise CritlibError(f"unknown dtype '{self.dtype}'; choose fp32, bf16 or fp16")
-        if self.fisher_dtype not in ("fp32", "bf16"):
-            raise CritlibError(f"unknown fisher_dtype '{self.fisher_dtype}'; choose fp32 or bf16")
+        self.dtype = _dtype_name("dtype", self.dtype, DTYPES)
+        self.fisher_dtype = _dtype_name("fisher_dtype", self.fisher_dtype, ("fp32", "bf16"))
         if self.kernel not in ("auto", "triton", "torch", "off"):
             raise CritlibError(f"unknown kernel '{self.kernel}'; choose auto, triton, torch or off")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
@@ -117,14 +123,14 @@ class Params:
             seeds = [int(v) for v in self.stability_seeds]
         except (TypeError, ValueError):
             raise CritlibError(f"stability_seeds={self.stability_seeds!r} must be a list of integers, e.g. [1, 2]") from None
+        for s in seeds:
+            _check_seed("stability_seeds", s)
         self.stability_seeds = list(dict.fromkeys(seeds))  # Phase 2 skips the run's own seed
         self.stability_data = self.stability_data or ""
-        if not 0 <= int(self.perturb_heldout) <= self.n_heldout:
-            raise CritlibError(f"perturb_heldout={self.perturb_heldout} must lie in [0, n_heldout={self.n_heldout}] "
-                               "(0 = all held-out windows)")
-        if not 0 <= int(self.applications_heldout) <= self.n_heldout:
-            raise CritlibError(f"applications_heldout={self.applications_heldout} must lie in [0, n_heldout="
-                               f"{self.n_heldout}] (0 = all held-out windows)")
+        for key in ("perturb_heldout", "applications_heldout"):  # a phase's own key never stops another phase
+            if int(getattr(self, key)) < 0:
+                raise CritlibError(f"{key}={getattr(self, key)} must be ≥ 0 (0 = all held-out windows)")
+            setattr(self, key, min(int(getattr(self, key)), self.n_heldout))
         if int(self.token_explorer_top) < 1:
             raise CritlibError(f"token_explorer_top={self.token_explorer_top} must be ≥ 1")
 
@@ -171,7 +177,7 @@ class Params:
                 raise CritlibError(f"{key}={getattr(self, key)} must be ≥ 0")
         for key in ("quant_clip_z", "bitflip_break_factor"):
             setattr(self, key, float(getattr(self, key)))
-        if self.quant_clip_z < 0 or self.bitflip_break_factor <= 1:
+        if not (self.quant_clip_z >= 0 and self.bitflip_break_factor > 1):  # NaN fails too
             raise CritlibError("quant_clip_z must be ≥ 0 (0 = off) and bitflip_break_factor > 1")
         bad = [m for m in self.prune_modes if m not in ("per_layer", "global")]
         if bad or not self.prune_modes:
@@ -180,6 +186,23 @@ class Params:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_seed(key: str, seed) -> None:
+    """A seed numpy, torch and Python's random all accept; `key` names where it was given."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        where = f"{key}={seed!r}: seed" if key == "seed" else f"{key} has {seed!r}: each seed"
+        raise CritlibError(f"{where} must be a non-negative integer ≤ 2**32 - 1 (4294967295), e.g. 0")
+
+
+def _dtype_name(key: str, value, choices: tuple[str, ...]) -> str:
+    """The canonical name (fp32, bf16, fp16) of a dtype given as it or as torch/transformers name it."""
+    name = str(value).strip().lower().removeprefix("torch.")
+    name = DTYPE_ALIASES.get(name, name)
+    if name not in choices:
+        raise CritlibError(f"unknown {key} '{value}'; choose {', '.join(choices)} (or torch's names, e.g. "
+                           f"{', '.join(a for a, c in DTYPE_ALIASES.items() if c in choices and a != 'float')})")
+    return name
 
 
 def valid_keys() -> list[str]:
@@ -205,7 +228,9 @@ def _coerce(key: str, value):
             raise CritlibError(f"{key} must be a number, got {value!r}")
         value = float(value)
     elif isinstance(default, list):
-        if isinstance(value, str):
+        if value is None:  # `--set metrics=` or `metrics:` with no value: an empty list, which validation names
+            value = []
+        elif isinstance(value, str):
             value = [yaml.safe_load(v.strip()) for v in value.split(",") if v.strip()]
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]

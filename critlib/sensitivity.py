@@ -130,11 +130,9 @@ def _settle_cells(cells: dict) -> dict:
 
 
 def check_k(model: torch.nn.Module, topk_per_layer: int, topk_global: int) -> None:
+    """Refuse a global top-K beyond the model's size. A tensor with fewer than `topk_per_layer` weights is
+    no error: its per-tensor top-K keeps all of them (critlib.rank clamps k to the tensor's size)."""
     params = scored_parameters(model)
-    smallest = min(params, key=lambda np_: np_[1].numel())
-    if topk_per_layer > smallest[1].numel():
-        raise CritlibError(f"topk_per_layer={topk_per_layer} is larger than tensor {smallest[0]} "
-                           f"({smallest[1].numel()} weights); choose topk_per_layer ≤ {smallest[1].numel()}")
     total = sum(p.numel() for _, p in params)
     if topk_global > total:
         raise CritlibError(f"topk_global={topk_global} exceeds the model's {total} weights; lower it")
@@ -231,7 +229,7 @@ def analyze(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], t
             return True
 
         score_model(model, windows, metrics, emit2, batch_size, fisher_dtype, progress, "pass 2/2",
-                    reduce=reduce, fused=fused2)
+                    reduce=reduce, fused=fused2, weights_checked=True)  # pass 1 checked them
     result.gathered = gathered
     result.stats = {m: _nest(stats[m].summary()) for m in metrics}
     return result
