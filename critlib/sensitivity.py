@@ -18,7 +18,7 @@ from . import CritlibError
 from .distributed import Reducer, shard
 from .distributed import active as dist_active
 from .io import atomic_path
-from .kernels import block_partials, block_topk, choose
+from .kernels import Backend, block_partials, block_topk, resolve_backend
 from .kernels import score as kernel_score
 from .kernels import reduce as reduce_partials
 from .layout import Part, component_at, is_token_matrix, layer_of, parts_of
@@ -147,7 +147,7 @@ def analyze(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], t
     statistics over every weight. With `distributed` (default: whenever a torch.distributed group of several
     ranks runs) each rank scores its share of `windows` and gradients are summed over ranks, so every rank
     returns the result of scoring all of `windows` (see critlib.distributed). `kernel` (auto, triton, torch,
-    off; see critlib.kernels.choose) lets pass 1 rank and summarise grad_x_weight and grad_squared from one
+    off; see critlib.kernels.resolve_backend) lets pass 1 rank and summarise grad_x_weight and grad_squared from one
     read of each weight and gradient, and pass 2 score them a slice at a time: no whole score tensor."""
     check_k(model, topk_per_layer, topk_global)
     distributed = dist_active() if distributed is None else distributed and dist_active()
@@ -173,11 +173,11 @@ def analyze(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], t
             bottom[metric].add(name, -s)
         _feed(stats[metric], groups[name], s, cells[metric], layer_of(name))
 
-    backend = choose(kernel, next(model.parameters()).device)
+    backend = resolve_backend(kernel, next(model.parameters()).device, fallback=Backend.OFF)
 
     def fused1(metric, name, w, g):
         names = _unsplit(groups[name])
-        if backend is None or bottom or names is None:  # bottom-K and split tensors need the scores
+        if backend is Backend.OFF or bottom or names is None:  # bottom-K and split tensors need the scores
             return False
         p = block_partials(w, g, metric, backend)
         total = stats[metric].merge(names, reduce_partials(p).reshape(1, 5), p.hist_count)
@@ -216,7 +216,7 @@ def analyze(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], t
 
         def fused2(metric, name, w, g):  # the same, scoring a slice at a time: no score tensor of the whole
             names = _unsplit(groups[name])
-            if backend is None or names is None:
+            if backend is Backend.OFF or names is None:
                 return False
             wf, gf = w.reshape(-1), g.reshape(-1)
             step = step_for(w.device, chunk_size)

@@ -80,7 +80,7 @@ def test_token_ids_data_without_tokenizer(tmp_path):
 BAD = [
     (["--set", "bogus=1"], "unknown parameter(s) bogus; valid keys:"),
     (["--set", "topk_global=0"], "topk_global=0 must be ≥ 1"),
-    (["--set", "topk_per_layer=100"], "is larger than tensor"),
+    (["--set", "topk_global=100000000"], "exceeds the model's"),
     (["--set", "metrics=gradx"], "unknown metric 'gradx'; choose from:"),
     (["--set", "model=does/not-exist"], "cannot load model 'does/not-exist'"),
     (["--set", "device=cuda"], "CUDA is not available"),

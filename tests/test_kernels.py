@@ -153,9 +153,9 @@ def test_summarize_equals_the_statistics_path(backend, n):
 
 
 def test_backend_choice_and_errors(monkeypatch):
-    from critlib.kernels import choose
-    assert choose("auto", "cpu") is None and choose("off", "cuda") is None
-    assert choose("torch", "cpu") is Backend.TORCH
+    assert resolve_backend("auto", "cpu", Backend.OFF) is Backend.OFF
+    assert resolve_backend("off", "cuda", Backend.OFF) is Backend.OFF
+    assert resolve_backend("torch", "cpu", Backend.OFF) is Backend.TORCH
     assert resolve_backend("auto", "cpu") is Backend.TORCH
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     if not torch.cuda.is_available():

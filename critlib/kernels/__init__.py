@@ -33,9 +33,11 @@ CHUNK = 1 << 30
 
 
 class Backend(str, enum.Enum):
+    """Who computes the fused pass: `OFF` makes whole score tensors instead (the reference path)."""
     AUTO = "auto"
     TORCH = "torch"
     TRITON = "triton"
+    OFF = "off"
 
 
 def is_triton_available(device: torch.device | str | None = None) -> bool:
@@ -50,25 +52,19 @@ def is_triton_available(device: torch.device | str | None = None) -> bool:
     return torch.cuda.is_available() and (dev is None or dev.type == "cuda")
 
 
-def resolve_backend(backend: Backend | str, device: torch.device | str) -> Backend:
-    backend = Backend(backend)
+def resolve_backend(backend: Backend | str, device: torch.device | str, fallback: Backend = Backend.TORCH) -> Backend:
+    """The backend that runs for setting `backend` on `device`: AUTO is Triton on a CUDA device with Triton
+    installed, else `fallback` (the analysis passes OFF: on a CPU, whole score tensors are as fast)."""
+    try:
+        backend = Backend(backend)
+    except ValueError:
+        raise CritlibError(f"unknown kernel '{backend}'; choose {', '.join(b.value for b in Backend)}") from None
     if backend is Backend.AUTO:
-        return Backend.TRITON if torch.device(device).type == "cuda" and is_triton_available(device) \
-            else Backend.TORCH
+        return Backend.TRITON if torch.device(device).type == "cuda" and is_triton_available(device) else fallback
     if backend is Backend.TRITON and not is_triton_available(device):
         raise CritlibError(f"the Triton backend cannot run on {device}: it needs the triton package and a CUDA "
                            "device (or TRITON_INTERPRET=1 on a CPU); use kernel: torch or auto")
     return backend
-
-
-def choose(kernel: str, device: torch.device | str) -> Backend | None:
-    """The backend that scores gradient metrics in one read for setting `kernel` (auto: Triton on a CUDA
-    device with Triton installed; off or auto elsewhere: None, the scores are made as tensors)."""
-    if kernel == "off":
-        return None
-    if kernel == "auto":
-        return Backend.TRITON if torch.device(device).type == "cuda" and is_triton_available(device) else None
-    return resolve_backend(kernel, device)
 
 
 def score(w: torch.Tensor, g: torch.Tensor | None, metric: str) -> torch.Tensor:
@@ -112,6 +108,8 @@ def block_partials(w: torch.Tensor, g: torch.Tensor | None, metric: str, backend
     """Score `w`/`g` (any shape, flattened) and summarise each block; reads each element once."""
     _check(w, g, metric, block, chunk)
     backend = resolve_backend(backend, w.device)
+    if backend is Backend.OFF:
+        raise CritlibError("block_partials needs a backend that computes: torch, triton or auto")
     wf = w.detach().reshape(-1)
     gf = g.detach().reshape(-1) if g is not None and metric not in ("magnitude", "score") else None
     n = wf.numel()
