@@ -34,6 +34,18 @@ def window_set(windows: torch.Tensor) -> str:
     return f"{ids.shape[0]}x{ids.shape[1] if ids.ndim > 1 else 0}:{hashlib.sha256(ids.tobytes()).hexdigest()[:12]}"
 
 
+def intervention_key(selection, method) -> str:
+    """`<method label> <weights>`: the weights listed when few (`name[flat]`), else their count and a sha256
+    of the sorted coordinates; the same weights changed the same way give the same key in every phase."""
+    from .perturb import method_label
+    coords = sorted(selection.to_list())
+    if len(coords) <= 4:
+        where = ", ".join(f"{n}[{f}]" for n, f in coords)
+    else:
+        where = f"{len(coords)} weights:{hashlib.sha256(repr(coords).encode()).hexdigest()[:12]}"
+    return f"{method_label(method)} {where}"
+
+
 def _resample(n: int, n_boot: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
 

@@ -47,3 +47,24 @@ def load_json(outdir: str | Path, name: str, want: str):
 
 def save_json(outdir: str | Path, name: str, key_: str, value) -> None:
     write_json(path(outdir, name), {"key": key_, "value": value})
+
+
+EVALUATIONS = "evaluations.json"
+EVALUATION_PARAMS = ("model", "tokenizer", "revision", "dtype", "batch_size", "seed")
+
+
+def evaluations(ctx: Context, outdir: str | Path):
+    """The run's store of measured effects (critlib.effects.Evaluations), with every effect an earlier phase
+    of this run measured on this model: Phase 3 and Phase 4 read the same number for the same intervention."""
+    from ..effects import Evaluations
+    store = Evaluations(ctx.model, ctx.params.batch_size, ctx.params.seed)
+    store.records.update(load_json(outdir, EVALUATIONS, _evaluations_key(ctx)) or {})
+    return store
+
+
+def save_evaluations(ctx: Context, outdir: str | Path, store) -> None:
+    save_json(outdir, EVALUATIONS, _evaluations_key(ctx), store.records)
+
+
+def _evaluations_key(ctx: Context) -> str:
+    return key(ctx, EVALUATION_PARAMS, ("evaluate", "effects", "perturb", "edit", "models"))
