@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from .bins import step_for
+
 
 def _prefilter(x: torch.Tensor, k: int) -> torch.Tensor | None:
     """Indices of a small superset of the top-k of float32 `x`: every element whose order-preserving bit
@@ -90,9 +92,8 @@ def _candidates(flat: torch.Tensor, k: int, step: int,
 
 def topk_chunked(x: torch.Tensor, k: int, chunk_size: int = 1 << 30) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of a flattened tensor of any size, read in steps of at most `chunk_size` elements (see
-    `critlib.stats.step_for`): block maxima pick the few blocks that can hold a top-k value, and only those
+    `critlib.bins.step_for`): block maxima pick the few blocks that can hold a top-k value, and only those
     are ranked. Where ties defeat that, the top-k of each step are merged."""
-    from .stats import step_for
     flat = x.reshape(-1)
     n = flat.numel()
     step = step_for(flat.device, chunk_size)

@@ -15,16 +15,17 @@ import pandas as pd
 import torch
 
 from . import CritlibError
+from .bins import step_for
 from .distributed import Reducer, shard
 from .distributed import active as dist_active
 from .io import atomic_path
 from .kernels import Backend, block_partials, block_topk, resolve_backend
-from .kernels import score as kernel_score
 from .kernels import reduce as reduce_partials
+from .kernels import score as kernel_score
 from .layout import Part, component_at, is_token_matrix, layer_of, parts_of
 from .rank import TopK
-from .scores import release_memory, scored_parameters, score_model
-from .stats import Stats, step_for
+from .scores import release_memory, score_model, scored_parameters
+from .stats import Stats
 
 COLUMNS = ["metric", "scope", "rank", "param", "layer", "component", "row", "col", "score", "weight",
            "token_id", "token"]
@@ -44,7 +45,7 @@ class Sensitivity:
     gathered: dict[str, dict[tuple[str, int], float]] = field(default_factory=dict)
     bottom: dict[str, TopK] = field(default_factory=dict)  # candidates of the LOWEST scores, negated
     unscored: dict[str, list[str]] = field(default_factory=dict)
-    # over ALL weights, per metric: the count in each float32 high-16-bit bin (stats.N_BINS bins)
+    # over ALL weights, per metric: the count in each float32 high-16-bit bin (bins.N_BINS bins)
     hist: dict[str, torch.Tensor] = field(default_factory=dict)
     # per metric: (layer, component) -> [count, float64 sum] of the scores of that cell
     cells: dict[str, dict[tuple[int | None, str], list]] = field(default_factory=dict)

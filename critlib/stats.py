@@ -8,7 +8,7 @@ scores of the bins above the top-share thresholds exactly. Without pass 2 a valu
 bin, a relative error of at most 2**-7 (top-share takes each bin's values at its midpoint: within 2**-8).
 
 Work stays on the scores' device: nothing is copied to the host until a summary is asked for, so a GPU run
-does not wait on the host once per tensor. On a CPU the scores are read in steps of `CPU_STEP` elements,
+does not wait on the host once per tensor. On a CPU the scores are read in steps of `bins.CPU_STEP` elements,
 whose float64 and integer temporaries stay in cache instead of being allocated afresh for every tensor.
 """
 
@@ -21,18 +21,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .bins import N_BINS, high_bits, step_for
+
 PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9, 99.99)
 TOP_SHARES = (0.0001, 0.001, 0.01)  # fractions of all weights: 0.01%, 0.1%, 1%
-N_BINS = 1 << 15  # the sign bit of a non-negative float is 0: 15 bits remain above the low 16
 APPROX_REL_ERROR = 2.0 ** -7
-CPU_STEP = 1 << 18
-GPU_STEP = 1 << 26  # bounds the temporaries (≤ 8 bytes per element) while keeping launches few
 KEPT_FLUSH = 1 << 22  # pass 2 counts the scores it keeps in batches of about this many
-
-
-def step_for(device: torch.device, chunk_size: int) -> int:
-    """Elements handled at once: `chunk_size`, capped at CPU_STEP on a CPU and GPU_STEP elsewhere."""
-    return max(1, min(chunk_size, CPU_STEP if device.type == "cpu" else GPU_STEP))
 
 
 def _value(bits: int) -> float:
@@ -46,13 +40,6 @@ def _midpoints() -> torch.Tensor:
     hi = (b | 0xFFFF).to(torch.int32).view(torch.float32).double()
     mid = 0.5 * (lo + hi)
     return torch.where(torch.isfinite(mid), mid, 0.0)  # inf/NaN bit patterns: scores are finite
-
-
-def high_bits(x: torch.Tensor) -> torch.Tensor:
-    """The top 16 bits of float32 `x` as bin numbers: int32 on a CPU (half the traffic), int64 elsewhere
-    (the index type every CUDA kernel accepts)."""
-    hi = x.view(torch.int32) >> 16
-    return hi if x.device.type == "cpu" else hi.long()
 
 
 def summarize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .layout import component_at, layer_of
-from .stats import N_BINS
+from .bins import N_BINS
 
 MANTISSA_BITS = 7  # of the 16 high bits of a non-negative float32: 8 exponent bits, 7 mantissa bits
 FIRST_NORMAL = 1 << MANTISSA_BITS  # bins below hold zero and subnormals

@@ -11,7 +11,8 @@ import torch
 
 from critlib import CritlibError
 from critlib.kernels import Backend, block_partials, fused, is_triton_available, reduce, resolve_backend
-from critlib.stats import N_BINS, Stats
+from critlib.bins import N_BINS
+from critlib.stats import Stats
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(

@@ -25,7 +25,7 @@ import torch
 
 from .. import CritlibError
 from ..rank import merge, topk_exact
-from ..stats import N_BINS
+from ..bins import N_BINS
 
 METRICS = ("grad_x_weight", "grad_squared", "magnitude", "score")  # score: the tensor holds scores already
 BLOCK = 1024

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..stats import N_BINS
+from ..bins import N_BINS
 
 
 def partials_chunk(w: torch.Tensor, g: torch.Tensor | None, metric: str, block: int, blocks: list[torch.Tensor],
