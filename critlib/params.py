@@ -9,8 +9,9 @@ from pathlib import Path
 import yaml
 
 from . import CritlibError
+from .metrics import ALL
 
-METRICS = ("grad_x_weight", "grad_squared", "fisher", "magnitude", "wanda")
+METRICS = ALL
 DTYPES = ("fp32", "bf16", "fp16")
 # torch's and transformers' names of the same dtypes (also with a "torch." prefix), normalised on validation
 DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import CritlibError
+from .metrics import GRADIENT
 
-GRAD_METRICS = ("grad_x_weight", "grad_squared", "fisher")
+GRAD_METRICS = GRADIENT
 Emit = Callable[[str, str, torch.Tensor], None]  # (metric, param name, fp32 scores shaped like the param)
 # (metric, param name, weight, final gradient) -> True when it consumed them without the scores being made
 FusedEmit = Callable[[str, str, torch.Tensor, torch.Tensor], bool]

@@ -24,10 +24,11 @@ from dataclasses import dataclass
 import torch
 
 from .. import CritlibError
-from ..rank import merge, topk_exact
 from ..bins import N_BINS
+from ..metrics import FUSED
+from ..rank import merge, topk_exact
 
-METRICS = ("grad_x_weight", "grad_squared", "magnitude", "score")  # score: the tensor holds scores already
+METRICS = FUSED + ("score",)  # score: the tensor holds scores already
 BLOCK = 1024
 CHUNK = 1 << 30
 
