@@ -26,6 +26,7 @@ from .evaluate import evaluate
 
 LEVEL = 0.95
 N_BOOT = 2000
+UNCHANGED = "unchanged"  # the key of the unchanged model's record
 
 
 def window_set(windows: torch.Tensor) -> str:
@@ -114,7 +115,8 @@ class Evaluations:
     """One store of evaluations of one model: `baseline(windows)` once per window set, and `measure(key,
     windows, apply)` once per (intervention key, window set), where `apply()` is a context manager that
     changes the model and restores it (e.g. `lambda: perturbed(model, selection, Zero())`). `records` holds
-    every measured effect, JSON-ready, for a run to keep and reuse."""
+    every measured effect and, per window set, the unchanged model's numbers (`unchanged`), JSON-ready, for a
+    run to keep and reuse."""
     model: torch.nn.Module
     batch_size: int = 8
     seed: int = 0
@@ -128,6 +130,20 @@ class Evaluations:
             self.n_evaluations += 1
             self._base[name] = evaluate(self.model, windows, self.batch_size, keep_logprobs=True, per_window=True)
         return self._base[name]
+
+    def unchanged(self, windows: torch.Tensor) -> dict:
+        """The unchanged model on `windows` ({key: "unchanged", window_set, ppl, nll, accuracy, n_tokens}), kept
+        with the effects, so a later run that finds every effect stored need not evaluate the baseline."""
+        store_key = f"{UNCHANGED} @ {window_set(windows)}"
+        if store_key not in self.records:
+            base = self.baseline(windows)
+            self.records[store_key] = {"key": UNCHANGED, "window_set": window_set(windows), "n_changed": 0,
+                                       **{k: base[k] for k in ("ppl", "nll", "accuracy", "n_tokens")}}
+        return self.records[store_key]
+
+    def get(self, key: str, windows: torch.Tensor | str) -> dict | None:
+        """The stored record of `key` on `windows` (or a `window_set` name), None if not measured yet."""
+        return self.records.get(f"{key} @ {windows if isinstance(windows, str) else window_set(windows)}")
 
     def measure(self, key: str, windows: torch.Tensor, apply=None) -> dict:
         """The effect of intervention `key` on `windows` ({ppl, ppl_ratio(_lo/_hi), kl(..), accuracy(..),

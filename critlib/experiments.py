@@ -1,14 +1,22 @@
-"""Phase 3: dose-response of held-out quality to perturbing the top-k weights of each metric, against
-random, magnitude and bottom-k controls.
+"""Phase 3 engine: dose-response of held-out quality to perturbing the top-k weights of each metric, against
+random, magnitude and bottom-k controls, every effect with its 95% confidence interval.
 
 Every selection is built before anything is evaluated (a bad k fails at once, not after an hour), each
-perturbation is undone bit for bit before the next, and a perturbation that changes no bits reuses the
-unperturbed result exactly (ppl_ratio 1, kl 0) instead of re-evaluating an identical model; the same
-method on the same selection (e.g. Phase 1's top-|w| and the magnitude control) is evaluated once.
+perturbation is undone bit for bit before the next, and every measurement goes through one store of
+evaluations (`critlib.effects.Evaluations`) keyed by `intervention_key(selection, method)` and the window
+set: the same method on the same weights (e.g. Phase 1's top-|w| and the magnitude control, or Phase 4
+zeroing a super weight that is some metric's top-1) is evaluated once and reads the same everywhere; the
+unchanged model is evaluated once per window set, and a perturbation that changes no bits reuses it exactly
+(ppl_ratio 1, kl 0).
+
+Intervals: a row (one draw) carries the paired bootstrap interval over held-out windows of its effect;
+`summarize` keeps that interval for selectors with one draw and, for selectors with several draws (the random
+control), gives the t-interval of the mean over draws instead (`critlib.effects.draws_interval`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,16 +25,27 @@ import torch
 from tqdm.auto import tqdm
 
 from . import CritlibError
-from .evaluate import evaluate
+from .effects import Evaluations, draws_interval, intervention_key
 from .perturb import (Method, Selection, magnitude_ranking, method_label, parse_method, perturbed,
                       select_bottom, select_random, select_top)
 
-COLUMNS = ["selector", "metric", "method", "method_arg", "k", "draw", "n_selected", "n_changed", "ppl",
-           "ppl_ratio", "accuracy", "kl"]
+# One row per selector × method × k × draw (`dose_response`):
+#   ppl, accuracy: the perturbed model on the window set; ppl_ratio = exp(mean ΔNLL per token), kl = mean
+#   KL(unperturbed ‖ perturbed) per token, accuracy_delta = perturbed − unperturbed next-token accuracy;
+#   <effect>_lo/_hi: the 95% paired percentile bootstrap interval of that effect over the held-out windows;
+#   window_set: the windows' name (`<n>x<len>:<sha256 prefix>`); intervention: the store's key.
+NUMBERS = ["ppl", "ppl_ratio", "accuracy", "kl", "ppl_ratio_lo", "ppl_ratio_hi", "kl_lo", "kl_hi", "accuracy_delta",
+           "accuracy_delta_lo", "accuracy_delta_hi"]
+COLUMNS = ["selector", "metric", "method", "method_arg", "k", "draw", "n_selected", "n_changed", *NUMBERS,
+           "window_set", "intervention"]
 GROUP = ["selector", "metric", "method", "method_arg", "k"]
-VALUES = ["n_selected", "n_changed", "ppl", "ppl_ratio", "accuracy", "kl"]
+VALUES = ["n_selected", "n_changed", "ppl", "ppl_ratio", "accuracy", "kl", "accuracy_delta"]
+EFFECTS = ["ppl_ratio", "kl", "accuracy_delta"]
+POSITION_COLUMNS = ["selector", "metric", "method", "method_arg", "k", "start", "stop", "nll_increase", "n_tokens",
+                    "n_draws", "window_set"]
 
-__all__ = ["COLUMNS", "Selector", "dose_response", "summarize", "default_selectors", "parse_method"]
+__all__ = ["COLUMNS", "Selector", "dose_response", "summarize", "positions", "main_interventions",
+           "default_selectors", "parse_method"]
 
 
 @dataclass(frozen=True)
@@ -65,11 +84,14 @@ def _n_draws(name: str, selector, draws: dict[str, int] | int) -> int:
 
 def dose_response(model: torch.nn.Module, heldout: torch.Tensor, selectors: dict[str, Callable[[int, int], Selection]],
                   methods: list, ks: list[int], draws: dict[str, int] | int = 1, batch_size: int = 8,
-                  progress: bool = True) -> pd.DataFrame:
-    """One row per selector × method × k × draw: held-out ppl, accuracy and KL to the unperturbed model.
+                  progress: bool = True, store: Evaluations | None = None) -> pd.DataFrame:
+    """One row per selector × method × k × draw (columns `COLUMNS`): held-out ppl, accuracy and KL to the
+    unperturbed model, each effect with its bootstrap interval over the windows.
 
     `methods` are method objects or `name[:arg]` strings; `draws` per selector name (dict) or for every
-    selector without its own `draws` attribute (int). `df.attrs["baseline"]` holds the unperturbed result.
+    selector without its own `draws` attribute (int). Every intervention is measured through `store` (a new
+    one when None; pass a run's store to reuse what other phases measured): once per (intervention, window
+    set). `df.attrs["baseline"]` holds the unperturbed ppl, nll, accuracy, n_tokens and window_set.
     """
     if heldout is None or len(heldout) == 0:
         raise CritlibError("there are no held-out windows to evaluate on; set n_heldout ≥ 1")
@@ -79,6 +101,10 @@ def dose_response(model: torch.nn.Module, heldout: torch.Tensor, selectors: dict
     ks = [int(k) for k in ks]
     if any(k < 0 for k in ks):
         raise CritlibError(f"ks={ks} must all be ≥ 0")
+    if store is None:
+        store = Evaluations(model, batch_size)
+    elif store.model is not model:
+        raise CritlibError("the evaluation store belongs to another model; pass the store made for this model")
     plan = []
     for name, sel in selectors.items():
         for k in ks:
@@ -87,46 +113,101 @@ def dose_response(model: torch.nn.Module, heldout: torch.Tensor, selectors: dict
                 if not isinstance(selection, Selection):
                     raise CritlibError(f"selector '{name}' returned {type(selection).__name__}, not a Selection")
                 plan.append((name, k, d, selection))
-    base = evaluate(model, heldout, batch_size, keep_logprobs=True)
-    ref = base.pop("logprobs")
+    base = store.unchanged(heldout)
     rows = []
-    done: dict = {}  # (method, selection) -> result: e.g. top:magnitude and the magnitude control coincide
     bar = tqdm(total=len(plan) * len(methods), desc="perturbation", disable=not progress)
     for name, k, d, selection in plan:
         for method in methods:
-            key = (repr(method), _key(selection))
-            with perturbed(model, selection, method) as applied:
-                if not applied.n_changed:
-                    r = dict(base, kl=0.0)
-                elif key in done:
-                    r = done[key]
-                else:
-                    r = done[key] = evaluate(model, heldout, batch_size, reference=ref)
-            rows.append((name, _metric_of(name), method.name, _arg_text(method.arg), k, d, applied.n_selected,
-                         applied.n_changed, r["ppl"], r["ppl"] / base["ppl"], r["accuracy"], r["kl"]))
+            key = intervention_key(selection, method)
+            r = store.measure(key, heldout, lambda s=selection, m=method: perturbed(model, s, m))
+            n_changed = r["n_changed"]
+            if n_changed is None:  # stored by a phase that changed the model itself: count without evaluating
+                with perturbed(model, selection, method) as applied:
+                    n_changed = applied.n_changed
+            rows.append((name, _metric_of(name), method.name, _arg_text(method.arg), k, d, len(selection),
+                         n_changed, *(_num(r.get(c)) for c in NUMBERS), r["window_set"], key))
             bar.update()
     bar.close()
     df = pd.DataFrame(rows, columns=COLUMNS)
     for c in ("k", "draw", "n_selected", "n_changed"):
         df[c] = df[c].astype("int64")
-    for c in ("ppl", "ppl_ratio", "accuracy", "kl"):
+    for c in NUMBERS:
         df[c] = df[c].astype("float64")
-    df.attrs["baseline"] = {k: v for k, v in base.items()}
+    df.attrs["baseline"] = {k: base[k] for k in ("ppl", "nll", "accuracy", "n_tokens", "window_set")}
     return df
 
 
-def _key(selection: Selection) -> tuple:
-    return tuple((n, idx.numpy().tobytes()) for n, idx in sorted(selection.coords.items()))
+def _num(v) -> float:
+    """A stored number as a float; JSON keeps NaN and ±inf as null, read back as NaN."""
+    return float("nan") if v is None else float(v)
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean and sample std (ddof 1; NaN for one draw) over draws of each (selector, metric, method,
-    method_arg, k), with the draw count; columns `<value>_mean`, `<value>_std`, `n_draws`."""
+    """Per (selector, metric, method, method_arg, k): `<value>_mean` and `<value>_std` (ddof 1; NaN for one
+    draw) over draws of n_selected, n_changed, ppl, ppl_ratio, accuracy, kl and accuracy_delta, `n_draws`,
+    `window_set`, and a 95% interval `<effect>_lo`/`<effect>_hi` of ppl_ratio, kl and accuracy_delta whose kind
+    `interval` names:
+    - "windows" (one draw: the top-k, bottom-k and magnitude selectors): that draw's paired bootstrap interval
+      over the held-out windows, around `<effect>_mean` (= the draw's value);
+    - "draws" (several draws: the random control): the t-interval of the mean over draws
+      (`critlib.effects.draws_interval`), which holds the draw-to-draw spread, around `<effect>_mean`.
+    """
     g = df.groupby(GROUP, dropna=False, sort=False)
     out = g[VALUES].agg(["mean", "std"])
     out.columns = [f"{a}_{b}" for a, b in out.columns]
     out["n_draws"] = g.size()
+    bounds = {f"{e}_{side}": [] for e in EFFECTS for side in ("lo", "hi")}
+    kind, sets = [], []
+    for _, sub in g:
+        several = len(sub) > 1
+        kind.append("draws" if several else "windows")
+        sets.append(sub["window_set"].iloc[0])
+        for e in EFFECTS:
+            if several:
+                iv = draws_interval(sub[e].to_numpy())
+                lo, hi = iv["lo"], iv["hi"]
+            else:
+                lo, hi = sub[f"{e}_lo"].iloc[0], sub[f"{e}_hi"].iloc[0]
+            bounds[f"{e}_lo"].append(lo)
+            bounds[f"{e}_hi"].append(hi)
+    for c, v in bounds.items():
+        out[c] = pd.Series(v, index=out.index, dtype="float64")
+    out["interval"] = kind
+    out["window_set"] = sets
     return out.reset_index()
+
+
+def main_interventions(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose damage by position Phase 3 reports: zeroing (else the first method) each metric's top-k
+    and the magnitude and random controls, at the smallest and the largest k > 0."""
+    method = "zero" if (df["method"] == "zero").any() else df["method"].iloc[0] if len(df) else "zero"
+    at = df[(df["method"] == method) & (df["k"] > 0)]
+    if at.empty:
+        return at
+    ks = {int(at["k"].min()), int(at["k"].max())}
+    keep = at["selector"].str.startswith("top:") | at["selector"].isin(["magnitude", "random"])
+    return at[keep & at["k"].isin(ks)]
+
+
+def positions(df: pd.DataFrame, store: Evaluations, rows: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per-position damage (`critlib.effects.position_damage`) of `rows` of a `dose_response` table (default
+    `main_interventions(df)`), read from the store that measured them: per (selector, method, k) and position
+    bucket [start, stop), the mean NLL increase per token (averaged over draws) and the bucket's tokens per
+    draw. Σ nll_increase·n_tokens / Σ n_tokens = log(ppl_ratio) (the mean over draws for several draws)."""
+    rows = main_interventions(df) if rows is None else rows
+    out = []
+    for (sel, metric, method, arg, k), sub in rows.groupby(GROUP, dropna=False, sort=False):
+        recs = [store.get(key, ws) for key, ws in zip(sub["intervention"], sub["window_set"])]
+        recs = [r for r in recs if r is not None and r.get("positions")]
+        if not recs:
+            continue
+        for i, b in enumerate(recs[0]["positions"]):
+            vals = [_num(r["positions"][i]["nll_increase"]) for r in recs]
+            out.append(dict(selector=sel, metric=metric, method=method, method_arg=arg, k=int(k),
+                            start=int(b["start"]), stop=int(b["stop"]),
+                            nll_increase=sum(vals) / len(vals) if all(map(math.isfinite, vals)) else float("nan"),
+                            n_tokens=int(b["n_tokens"]), n_draws=len(recs), window_set=recs[0]["window_set"]))
+    return pd.DataFrame(out, columns=POSITION_COLUMNS)
 
 
 def default_selectors(model: torch.nn.Module, sens, metrics: list[str] | None = None, n_random_draws: int = 3,

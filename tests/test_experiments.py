@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from critlib import CritlibError
+from critlib.effects import Evaluations, draws_interval, effect, intervention_key, window_set
 from critlib.evaluate import evaluate
-from critlib.experiments import COLUMNS, Selector, default_selectors, dose_response, summarize
+from critlib.experiments import (COLUMNS, Selector, default_selectors, dose_response, main_interventions, positions,
+                                 summarize)
 from critlib.params import Params, load_params
 from critlib.perturb import BitFlip, Scale, Selection, Zero, parse_method, select_random, select_top
 from critlib.sensitivity import analyze
@@ -68,14 +70,79 @@ def test_grid_rows_properties_and_restoration(setup):
     with torch.no_grad():
         for name, flat, _ in sens.global_top("grad_x_weight", 10):
             params[name].view(-1)[flat] = 0.0
-    base_lp = evaluate(model, heldout, 2, keep_logprobs=True)["logprobs"]
-    r = evaluate(clone, heldout, 2, reference=base_lp)
-    assert row.ppl == r["ppl"] and row.kl == r["kl"] and row.accuracy == r["accuracy"]
-    assert math.isclose(row.ppl_ratio, r["ppl"] / base["ppl"], rel_tol=1e-12)
+    base_pw = evaluate(model, heldout, 2, keep_logprobs=True, per_window=True)
+    r = evaluate(clone, heldout, 2, reference=base_pw["logprobs"], per_window=True)
+    assert row.ppl == r["ppl"] and row.accuracy == r["accuracy"]
+    assert row.kl == pytest.approx(r["kl"], rel=1e-12)
+    # the ratio is exp(ΔNLL per token) from per-window float64 sums: equal to ppl / base ppl to float32 rounding
+    assert math.isclose(row.ppl_ratio, r["ppl"] / base["ppl"], rel_tol=1e-6)
+    # every effect and its interval is `effects.effect` of the same two evaluations, bit for bit
+    want = effect(base_pw, r)
+    for c in ("ppl_ratio", "kl", "accuracy_delta"):
+        for suffix in ("", "_lo", "_hi"):
+            assert row[c + suffix] == want[c + suffix], c + suffix
+    assert row.window_set == window_set(heldout) and row.intervention == intervention_key(
+        Selection.from_list(sens.global_top("grad_x_weight", 10)), Zero())
+    # the intervals lie around the point estimate (finite rows: a broken model's bounds may be NaN/inf)
+    ok = df[df.ppl.notna()]
+    for c in ("ppl_ratio", "kl", "accuracy_delta"):
+        assert (ok[c + "_lo"] <= ok[c] + 1e-12).all() and (ok[c] <= ok[c + "_hi"] + 1e-12).all(), c
     # top-exponent-bit flips of |w| < 2 (all weights of this model) give ~1e38 weights: every value changes
     # and the model's output is no longer finite, which the table shows as NaN, not as a number
     bf = df[(df.method == "bitflip") & (df.k == 10) & (df.selector == "magnitude")].iloc[0]
     assert bf.n_changed == 10 and math.isnan(bf.ppl) and math.isnan(bf.kl)
+
+
+def test_each_intervention_is_evaluated_once(setup):
+    model, heldout, sens = setup
+    selectors = default_selectors(model, sens, n_random_draws=2, seed=0)
+    store = Evaluations(model, batch_size=2)
+    df = dose_response(model, heldout, selectors, ["zero", "sign_flip"], [0, 1, 10], progress=False, store=store)
+    # top:magnitude and the magnitude control select the same weights: one key, one evaluation
+    mag = df[df.selector == "magnitude"].intervention.tolist()
+    assert mag == df[df.selector == "top:magnitude"].intervention.tolist()
+    changed = df[df.n_changed > 0].intervention.nunique()
+    assert store.n_evaluations == 1 + changed  # the baseline once, each changing intervention once
+    assert len(df) > changed + 1
+    # the same store again: nothing evaluated, the same numbers
+    again = dose_response(model, heldout, selectors, ["zero", "sign_flip"], [0, 1, 10], progress=False, store=store)
+    assert store.n_evaluations == 1 + changed and again.equals(df)
+    # a store of another model is refused
+    with pytest.raises(CritlibError, match="another model"):
+        dose_response(tiny("tiny-llama", seed=1), heldout, selectors, ["zero"], [1], progress=False, store=store)
+
+
+def test_summary_intervals_and_positions(setup):
+    model, heldout, sens = setup
+    selectors = default_selectors(model, sens, ["grad_x_weight"], n_random_draws=3, seed=0)
+    store = Evaluations(model, batch_size=2)
+    df = dose_response(model, heldout, selectors, ["zero"], [1, 10], progress=False, store=store)
+    s = summarize(df)
+    for _, r in s.iterrows():
+        raw = df[(df.selector == r.selector) & (df.k == r.k)]
+        if r.selector == "random":  # several draws: the t-interval over draws
+            assert r.interval == "draws" and r.n_draws == 3
+            iv = draws_interval(raw.ppl_ratio.to_numpy())
+            assert (r.ppl_ratio_lo, r.ppl_ratio_hi) == pytest.approx((iv["lo"], iv["hi"]), rel=1e-12)
+        else:  # one draw: its bootstrap interval over windows
+            assert r.interval == "windows" and r.n_draws == 1
+            row = raw.iloc[0]
+            assert (r.ppl_ratio_lo, r.ppl_ratio_hi, r.kl_lo, r.accuracy_delta_hi) == (
+                row.ppl_ratio_lo, row.ppl_ratio_hi, row.kl_lo, row.accuracy_delta_hi)
+        assert r.ppl_ratio_lo <= r.ppl_ratio_mean <= r.ppl_ratio_hi and r.window_set == window_set(heldout)
+    main = main_interventions(df)
+    assert set(main.selector) == {"top:grad_x_weight", "random", "magnitude"} and set(main.k) == {1, 10}
+    pos = positions(df, store)
+    assert list(pos.columns[:9]) == ["selector", "metric", "method", "method_arg", "k", "start", "stop",
+                                     "nll_increase", "n_tokens"]
+    for (sel, k), sub in pos.groupby(["selector", "k"]):
+        assert sub.n_tokens.sum() == heldout.shape[0] * (heldout.shape[1] - 1)
+        assert list(sub.start[1:]) == list(sub.stop[:-1]) and sub.start.iloc[0] == 0
+        # the buckets add up to the mean NLL increase per token: log of the ppl ratio (mean over draws)
+        mean_nll = (sub.nll_increase * sub.n_tokens).sum() / sub.n_tokens.sum()
+        want = df[(df.selector == sel) & (df.k == k)].ppl_ratio.map(math.log).mean()
+        assert mean_nll == pytest.approx(want, rel=1e-9, abs=1e-12)
+        assert (sub.n_draws == (3 if sel == "random" else 1)).all()
 
 
 def test_random_draws_differ_and_nest(setup):
