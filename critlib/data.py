@@ -22,10 +22,12 @@ class Windows:
     heldout: torch.Tensor
     source: str
     sha256: str  # of all token ids of the source, int64 little-endian
+    bos: dict | None = None  # the BOS put first in every window ({"token", "id"}), None when none was
 
     def describe(self) -> dict:
         return {"source": self.source, "sha256": self.sha256, "n_score": int(self.score.shape[0]),
-                "n_heldout": int(self.heldout.shape[0]), "seq_len": int(self.score.shape[1])}
+                "n_heldout": int(self.heldout.shape[0]), "seq_len": int(self.score.shape[1]),
+                "prepended_bos": self.bos}
 
 
 def builtin_corpora() -> list[str]:
@@ -81,6 +83,28 @@ def tokenize(texts: list[str], tokenizer) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
+def tokenizer_adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer's own encoding (add_special_tokens=True) puts its BOS first: Llama's does,
+    SmolLM2's and GPT-2's do not."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    probe = "The cat sat."
+    own = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    return own[:1] == [bos] and plain[:1] != [bos]
+
+
+def bos_to_prepend(tokenizer, prepend_bos: bool | str = "auto") -> int | None:
+    """The BOS id each window starts with: `auto` as the tokenizer's own encoding does, true its BOS when it
+    has one, false none."""
+    if prepend_bos == "auto":
+        return tokenizer.bos_token_id if tokenizer_adds_bos(tokenizer) else None
+    if not isinstance(prepend_bos, bool):
+        raise CritlibError(f"prepend_bos={prepend_bos!r}; use auto, true or false")
+    return getattr(tokenizer, "bos_token_id", None) if prepend_bos else None
+
+
 def windows_from_ids(ids: np.ndarray, seq_len: int, bos: int | None) -> np.ndarray:
     """Non-overlapping windows of `seq_len` tokens; with `bos`, each window is BOS + seq_len-1 text tokens."""
     body = seq_len - 1 if bos is not None else seq_len
@@ -92,15 +116,18 @@ def windows_from_ids(ids: np.ndarray, seq_len: int, bos: int | None) -> np.ndarr
 
 
 def load_windows(source: str, tokenizer, seq_len: int, n_score: int, n_heldout: int,
-                 prepend_bos: bool = True, seed: int = 0, text_field: str = "text",
+                 prepend_bos: bool | str = "auto", seed: int = 0, text_field: str = "text",
                  vocab_size: int | None = None) -> Windows:
     """Windows for scoring and held-out evaluation.
 
     A `.npy` of shape [n, seq_len] is used exactly as given (rows in order: the first n_score score, the
     next n_heldout are held out). Text is cut into windows; with seed 0 the windows are taken in order,
     any other seed shuffles which windows score and which are held out (never the same window in both).
-    `random` draws uniform token ids (seeded) for benchmarks on synthetic models.
+    `prepend_bos` (text only): `auto` starts each window with BOS when the tokenizer's own encoding adds
+    one, true always (when it has one), false never. `random` draws uniform token ids (seeded) for
+    benchmarks on synthetic models.
     """
+    bos = None  # .npy and random windows are used as they are
     if source == "random":
         if vocab_size is None:
             raise CritlibError("data: random needs the model's vocabulary size")
@@ -124,7 +151,7 @@ def load_windows(source: str, tokenizer, seq_len: int, n_score: int, n_heldout: 
             raise CritlibError("this model has no tokenizer, so text data cannot be used; give token ids as a "
                                ".npy file, data: random, or set tokenizer: to a tokenizer directory or 'default'")
         ids = tokenize(read_texts(source, text_field), tokenizer)
-        bos = tokenizer.bos_token_id if prepend_bos else None
+        bos = bos_to_prepend(tokenizer, prepend_bos)
         arr = windows_from_ids(ids, seq_len, bos)
         need = n_score + n_heldout
         if len(arr) < need:
@@ -139,4 +166,5 @@ def load_windows(source: str, tokenizer, seq_len: int, n_score: int, n_heldout: 
         raise CritlibError(f"token ids must lie in [0, {vocab_size}) for this model, found {arr.min()}..{arr.max()}")
     sha = hashlib.sha256(np.ascontiguousarray(arr, dtype="<i8").tobytes()).hexdigest()
     t = torch.from_numpy(np.ascontiguousarray(arr))
-    return Windows(t[:n_score], t[n_score:n_score + n_heldout], source, sha)
+    described = None if bos is None else {"token": tokenizer.convert_ids_to_tokens(int(bos)), "id": int(bos)}
+    return Windows(t[:n_score], t[n_score:n_score + n_heldout], source, sha, described)

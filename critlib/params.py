@@ -30,7 +30,7 @@ class Params:
     n_sequences: int = 8
     n_heldout: int = 8
     batch_size: int = 8
-    prepend_bos: bool = True
+    prepend_bos: bool | str = "auto"  # auto: BOS first only where the tokenizer's own encoding adds it
     metrics: list[str] = field(default_factory=lambda: list(METRICS))
     topk_per_layer: int = 100  # a tensor with fewer weights keeps all of them (e.g. a norm of a tiny model)
     topk_global: int = 1000
@@ -87,6 +87,7 @@ class Params:
         if self.n_heldout < 0:
             raise CritlibError(f"n_heldout={self.n_heldout} must be ≥ 0")
         _check_seed("seed", self.seed)
+        self.prepend_bos = _bos_mode(self.prepend_bos)
         if self.seq_len < 2:
             raise CritlibError(f"seq_len={self.seq_len} is too short: next-token loss needs at least 2 tokens")
         for key in ("topk_per_layer", "topk_global"):
@@ -194,6 +195,16 @@ def _check_seed(key: str, seed) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
         where = f"{key}={seed!r}: seed" if key == "seed" else f"{key} has {seed!r}: each seed"
         raise CritlibError(f"{where} must be a non-negative integer ≤ 2**32 - 1 (4294967295), e.g. 0")
+
+
+def _bos_mode(value) -> bool | str:
+    """prepend_bos as True, False or "auto" (from YAML booleans or the strings true, false, auto)."""
+    mode = value if isinstance(value, bool) else {"true": True, "false": False, "auto": "auto"}.get(
+        str(value).strip().lower())
+    if mode is None:
+        raise CritlibError(f"prepend_bos must be true or false, or auto (BOS only where the tokenizer's own "
+                           f"encoding adds one), got {value!r}")
+    return mode
 
 
 def _dtype_name(key: str, value, choices: tuple[str, ...]) -> str:

@@ -1,4 +1,5 @@
-"""Windows: deterministic, BOS-prefixed, non-overlapping between scoring and held-out sets."""
+"""Windows: deterministic, BOS-prefixed as the tokenizer itself does (or as asked), non-overlapping between
+scoring and held-out sets."""
 
 import json
 
@@ -6,8 +7,9 @@ import numpy as np
 import pytest
 
 from critlib import CritlibError
-from critlib.data import builtin_corpora, load_windows, read_texts, windows_from_ids
+from critlib.data import builtin_corpora, load_windows, read_texts, tokenizer_adds_bos, windows_from_ids
 from critlib.models import load_tokenizer
+from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +31,57 @@ def test_builtin_corpora_and_split(tok):
     a = load_windows("default", tok, 64, 6, 4, seed=0)
     b = load_windows("default", tok, 64, 6, 4, seed=0)
     assert a.sha256 == b.sha256 and (a.score == b.score).all()
-    assert (a.score[:, 0] == tok.bos_token_id).all()
+    assert not (a.score[:, 0] == tok.bos_token_id).any() and a.bos is None  # SmolLM2 adds no BOS itself
     rows = {tuple(r) for r in a.score.tolist()}
     assert not rows & {tuple(r) for r in a.heldout.tolist()}
     c = load_windows("default", tok, 64, 6, 4, seed=5)
     assert c.sha256 != a.sha256
     assert not {tuple(r) for r in c.score.tolist()} & {tuple(r) for r in c.heldout.tolist()}
     assert load_windows("default", tok, 64, 6, 4, prepend_bos=False).score[0, 0] != tok.bos_token_id
+
+
+def bos_adding_tokenizer():
+    """A word-level tokenizer whose own encoding puts <s> first, as Llama's does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    words = read_texts("default")[0].split()[:400]
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="[UNK]")
+
+
+def test_prepend_bos_auto_follows_the_tokenizer(tok):
+    # SmolLM2's tokenizer (the default) adds no BOS: auto prepends none, true still prepends <|im_start|>
+    assert tok("some text")["input_ids"][:1] != [tok.bos_token_id] and not tokenizer_adds_bos(tok)
+    auto = load_windows("default", tok, 64, 6, 4)
+    forced = load_windows("default", tok, 64, 6, 4, prepend_bos=True)
+    assert auto.bos is None and auto.describe()["prepended_bos"] is None
+    assert (forced.score[:, 0] == tok.bos_token_id).all()
+    assert forced.describe()["prepended_bos"] == {"token": "<|im_start|>", "id": tok.bos_token_id}
+    assert auto.sha256 != forced.sha256
+    # a tokenizer that adds <s> itself: auto prepends it, false does not
+    own = bos_adding_tokenizer()
+    assert own("the cat")["input_ids"][0] == 1 and tokenizer_adds_bos(own)
+    w = load_windows("default", own, 16, 3, 2)
+    assert (w.score[:, 0] == 1).all() and (w.heldout[:, 0] == 1).all() and w.bos == {"token": "<s>", "id": 1}
+    assert (w.score[:, 1:] != 1).all()
+    off = load_windows("default", own, 16, 3, 2, prepend_bos=False)
+    assert off.bos is None and off.score[0, 0] != 1
+    with pytest.raises(CritlibError, match="prepend_bos"):
+        load_windows("default", own, 16, 3, 2, prepend_bos="sometimes")
+
+
+def test_prepend_bos_param_values():
+    from critlib.params import Params, load_params
+    assert Params().validate().prepend_bos == "auto" and load_params(f"{REPO}/params/tiny.yaml").prepend_bos == "auto"
+    assert [load_params(None, [f"prepend_bos={v}"]).prepend_bos for v in ("true", "false", "auto", "True")] == \
+        [True, False, "auto", True]
+    with pytest.raises(CritlibError, match="prepend_bos must be true or false, or auto"):
+        load_params(None, ["prepend_bos=maybe"])
 
 
 def test_jsonl_and_npy(tmp_path, tok):
