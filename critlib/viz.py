@@ -19,22 +19,35 @@ from .tables import ccdf, log_histogram
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf")
 
+# Every figure's Plotly config. Reports hold unpublished research: no "Share chart" button (plotly.js uploads
+# the chart to Plotly Cloud, at plotlyServerURL), no logo linking to plotly.com.
+CONFIG = {"displaylogo": False, "showSendToCloud": False, "plotlyServerURL": "",
+          "modeBarButtonsToRemove": ["sendChartToCloud"], "responsive": True}
+
 
 # ---------------------------------------------------------------- display
 
 class _Renderer(pio.base_renderers.MimetypeRenderer):
     """Plotly mimetype for JupyterLab + an HTML div (no plotly.js, no CDN) for nbconvert."""
 
+    def __init__(self, config: dict | None = None):
+        self.config = dict(config or CONFIG)
+
     def to_mimebundle(self, fig_dict):
-        bundle = pio.base_renderers.PlotlyRenderer().to_mimebundle(fig_dict)
+        bundle = pio.base_renderers.PlotlyRenderer(config=self.config).to_mimebundle(fig_dict)
         bundle["text/html"] = pio.to_html(fig_dict, include_plotlyjs=False, include_mathjax=False,
                                           full_html=False, default_width="100%", validate=False,
-                                          config={"displaylogo": False, "responsive": True})
+                                          config=self.config)
         return bundle
 
 
 def setup() -> None:
-    """Make `fig.show()` / a figure as a cell's value render with the critlib renderer."""
+    """Make `fig.show()` / a figure as a cell's value render with the critlib renderer; Plotly's own renderers
+    (`fig.show(renderer="browser")`, ...) get the same config."""
+    for name in pio.renderers:
+        r = pio.renderers[name]
+        if isinstance(getattr(r, "config", None), dict):
+            r.config.update(CONFIG)
     pio.renderers["critlib"] = _Renderer()
     pio.renderers.default = "critlib"
 

@@ -19,6 +19,7 @@ from critlib.run import PHASES, select
 from critlib.run.headlines import read_headlines
 from critlib.report import interpreter_kernel, plotlyjs
 from tests.conftest import REPO, tiny_report_params
+from tests.test_viz import assert_no_cloud_upload
 
 TINY = os.path.join(REPO, "params", "tiny.yaml")
 
@@ -73,6 +74,20 @@ def test_html_is_offline_with_plotlyjs_once(tiny_report):
         assert page.count("Plotly.newPlot(") == _figures_in(tiny_report / f"{p.key}.ipynb") > 0
     index = (tiny_report / "index.html").read_text()
     assert "<script" not in index
+
+
+def test_no_page_offers_a_cloud_upload(tiny_report):
+    bundle = plotlyjs()
+    for p in PHASES:
+        page = (tiny_report / f"{p.key}.html").read_text().replace(bundle, "")
+        assert_no_cloud_upload(page)
+        nb = nbformat.read(tiny_report / f"{p.key}.ipynb", as_version=4)
+        for c in nb.cells:
+            for o in c.get("outputs", []):
+                fig = o.get("data", {}).get("application/vnd.plotly.v1+json")
+                if fig:
+                    assert fig["config"]["showSendToCloud"] is False and fig["config"]["displaylogo"] is False
+    assert_no_cloud_upload((tiny_report / "index.html").read_text())
 
 
 def test_headlines_match_the_files(tiny_report):

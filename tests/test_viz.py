@@ -45,6 +45,35 @@ def test_dose_response_figure_has_one_panel_per_method():
     assert len(bands) == 2  # random, once per panel
 
 
+CLOUD = ("Share chart", "plotly.com", "plot.ly", "chart-studio", "chart studio", "sendDataToCloud",
+         '"showSendToCloud": true', "plotlyServerURL")
+
+
+def assert_no_cloud_upload(html: str) -> None:
+    """`html` (figures' divs, plotly.js itself excluded) offers no upload to Plotly's cloud: every figure's
+    config turns the "Share chart" button and the plotly.com logo off, and no cloud address appears."""
+    low = html.lower()
+    for s in CLOUD:
+        assert s.lower() not in low, f"{s!r} in the HTML"
+    n = html.count("Plotly.newPlot(")
+    assert html.count('"showSendToCloud": false') == n and html.count('"displaylogo": false') == n
+    assert html.count('"modeBarButtonsToRemove": ["sendChartToCloud"]') == n
+
+
+def test_figures_offer_no_cloud_upload():
+    viz.setup()
+    import plotly.io as pio
+    from critlib.report import plotlyjs
+    assert "sendChartToCloud" in plotlyjs(), "plotly.js renamed its cloud button: update viz.CONFIG"
+    fig = go.Figure(go.Bar(y=[1, 2]))
+    bundle = pio.renderers["critlib"].to_mimebundle(fig.to_dict())
+    assert_no_cloud_upload(bundle["text/html"])
+    config = bundle["application/vnd.plotly.v1+json"]["config"]  # what JupyterLab's renderer reads
+    assert config["showSendToCloud"] is False and config["displaylogo"] is False
+    assert "sendChartToCloud" in config["modeBarButtonsToRemove"]
+    assert pio.renderers["notebook"].config["showSendToCloud"] is False  # fig.show(renderer=...) too
+
+
 def test_renderer_bundle_has_plotly_mimetype_and_html_without_plotlyjs():
     viz.setup()
     import plotly.io as pio
