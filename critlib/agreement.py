@@ -12,9 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .rank import TopK
-from .scores import score_model
-from .sensitivity import Sensitivity, cross_metric
+from .sensitivity import Sensitivity, cross_metric, global_topk
 
 Coord = tuple[str, int]
 
@@ -35,11 +33,8 @@ def topk_sets(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str],
               chunk_size: int = 1 << 30, fisher_dtype: torch.dtype = torch.float32,
               progress: bool = True, desc: str = "top-K") -> dict[str, list[Coord]]:
     """Each metric's exact global top-k on `windows` in one scoring pass (no statistics, no pass 2)."""
-    order = [n for n, _ in model.named_parameters()]
-    tops = {m: TopK(k, chunk_size) for m in metrics}
-    score_model(model, windows, metrics, lambda m, name, s: tops[m].add(name, s), batch_size, fisher_dtype,
-                progress, desc)
-    return {m: [(n, f) for n, f, _ in tops[m].global_topk(k, order)] for m in metrics}
+    tops = global_topk(model, windows, metrics, k, batch_size, fisher_dtype, chunk_size, progress, desc)
+    return {m: [(n, f) for n, f, _ in top] for m, top in tops.items()}
 
 
 def cross_table(sens: Sensitivity, k: int | None = None) -> pd.DataFrame:

@@ -26,8 +26,7 @@ from .models import DTYPES
 from .prune import linear_scores, prune_masks, pruned, random_scores
 from .quantize import (OUTLIER_BYTES, QuantConfig, budget, keep_sets, kept_originals, linear_weights,
                        quantized)
-from .rank import TopK
-from .scores import score_model, scored_parameters
+from .sensitivity import global_topk
 
 BASELINES = ("magnitude", "random")
 APPLICATIONS = ("quantize", "prune", "bitflip")
@@ -184,14 +183,7 @@ def _global_top(model, windows, cfg: ApplicationsConfig, sens, metric: str, n: i
     """The exact global top-n (param, flat, score) of `metric`: from Phase 1 when it kept enough, else scored."""
     if sens is not None and metric in sens.topk and n <= sens.topk[metric].k:
         return sens.global_top(metric, n)
-    top = TopK(n)
-    if metric == "magnitude":
-        for name, prm in scored_parameters(model):
-            top.add(name, prm.detach().float().abs())
-    else:
-        score_model(model, windows.score, [metric], lambda m, name, s: top.add(name, s), cfg.batch_size,
-                    DTYPES[cfg.fisher_dtype], False)
-    return top.global_topk(n, [name for name, _ in scored_parameters(model)])
+    return global_topk(model, windows.score, [metric], n, cfg.batch_size, DTYPES[cfg.fisher_dtype])[metric]
 
 
 def bitflip_points(model, windows, cfg: ApplicationsConfig, sens, progress: bool = True) -> dict[str, pd.DataFrame]:

@@ -18,8 +18,7 @@ import torch
 
 from . import CritlibError
 from .io import atomic_path
-from .rank import TopK
-from .scores import score_model, scored_parameters
+from .scores import scored_parameters
 
 FORMAT = "critlib-fingerprint"
 VERSION = 1
@@ -55,14 +54,9 @@ def critical_coords(model: torch.nn.Module, metrics: list[str], k: int, windows:
                     batch_size: int = 8) -> list[tuple[str, int, list[str]]]:
     """The union over `metrics` of each metric's exact global top-k: (param, flat, [metrics]) in model order.
     Gradient metrics and wanda need scoring `windows`; magnitude does not."""
-    order = [n for n, _ in scored_parameters(model)]
-    tops = {m: TopK(k) for m in metrics}
-    need_data = [m for m in metrics if m != "magnitude"]
-    if need_data and (windows is None or not len(windows)):
-        raise CritlibError(f"metrics {', '.join(need_data)} need scoring windows; pass data or use magnitude")
-    score_model(model, windows if windows is not None else torch.zeros(1, 2, dtype=torch.long), metrics,
-                lambda m, n, s: tops[m].add(n, s), batch_size, progress=False)
-    return critical_union({m: tops[m].global_topk(k, order) for m in metrics}, order)
+    from .sensitivity import global_topk
+    return critical_union(global_topk(model, windows, metrics, k, batch_size),
+                          [n for n, _ in scored_parameters(model)])
 
 
 def critical_union(tops: dict[str, list[tuple]], order: list[str]) -> list[tuple[str, int, list[str]]]:

@@ -303,3 +303,18 @@ def top_weights_table(result: Sensitivity, model: torch.nn.Module, tokenizer=Non
     df["weight"] = df["weight"].astype("float64")
     df["token"] = df["token"].astype("string")
     return df
+
+
+def global_topk(model: torch.nn.Module, windows: torch.Tensor | None, metrics: list[str], k: int,
+                batch_size: int = 8, fisher_dtype: torch.dtype = torch.float32, chunk_size: int = 1 << 30,
+                progress: bool = False, desc: str = "top-K") -> dict[str, list[tuple[str, int, float]]]:
+    """Each metric's exact global top-k (param, flat, score) in one scoring pass, without statistics: what
+    `analyze` ranks, for callers that need only the ranking. Magnitude needs no `windows`."""
+    need_data = [m for m in metrics if m != "magnitude"]
+    if need_data and (windows is None or not len(windows)):
+        raise CritlibError(f"metrics {', '.join(need_data)} need scoring windows; pass data or use magnitude")
+    tops = {m: TopK(k, chunk_size) for m in metrics}
+    score_model(model, windows if windows is not None else torch.zeros(1, 2, dtype=torch.long), metrics,
+                lambda m, name, s: tops[m].add(name, s), batch_size, fisher_dtype, progress, desc)
+    order = [n for n, _ in scored_parameters(model)]
+    return {m: tops[m].global_topk(k, order) for m in metrics}
