@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 from . import CritlibError
+from .edit import as_bits
 from .io import atomic_path
 from .scores import scored_parameters
 
 FORMAT = "critlib-fingerprint"
 VERSION = 1
-_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def tensor_sha256(t: torch.Tensor, chunk: int = 1 << 26) -> str:
@@ -37,7 +37,7 @@ def tensor_sha256(t: torch.Tensor, chunk: int = 1 << 26) -> str:
 def _bits_hex(p: torch.Tensor, flat: int) -> str:
     v = p.detach().reshape(-1)[flat:flat + 1]
     width = v.element_size()
-    x = int(v.view(_INT[width]).cpu()[0]) & ((1 << (8 * width)) - 1)
+    x = int(as_bits(v).cpu()[0]) & ((1 << (8 * width)) - 1)
     return f"0x{x:0{2 * width}x}"
 
 
