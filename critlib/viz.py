@@ -52,6 +52,16 @@ def setup() -> None:
     pio.renderers.default = "critlib"
 
 
+def _title(text: str) -> dict:
+    return dict(text=text)
+
+
+def _menu_button(label: str, visible: list[bool], title: str) -> dict:
+    """A dropdown choice showing the `visible` traces under `title`. The title goes in as a whole title object:
+    plotly.js drops a plain-string title in an update, and the figure's title would vanish."""
+    return dict(label=label, method="update", args=[{"visible": visible}, {"title": _title(title)}])
+
+
 def colors(names) -> dict[str, str]:
     return {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(names)}
 
@@ -132,9 +142,9 @@ def layer_component_heatmap(cells: pd.DataFrame, value: str = "score_share") -> 
         fig.add_trace(go.Heatmap(z=z, x=comps, y=ylabels, text=text, visible=i == 0, colorscale="Viridis",
                                  colorbar=dict(title=value), name=m, hoverongaps=False,
                                  hovertemplate=f"<b>{m}</b> layer %{{y}}, %{{x}}<br>%{{text}}<extra></extra>"))
-    buttons = [dict(label=m, method="update", args=[{"visible": [j == i for j in range(len(metrics))]},
-                                                    {"title": f"{label} — {m}"}]) for i, m in enumerate(metrics)]
-    fig.update_layout(title=f"{label} — {metrics[0]}", height=max(420, 18 * len(ylabels) + 160),
+    buttons = [_menu_button(m, [j == i for j in range(len(metrics))], f"{label} — {m}")
+               for i, m in enumerate(metrics)]
+    fig.update_layout(title=_title(f"{label} — {metrics[0]}"), height=max(420, 18 * len(ylabels) + 160),
                       updatemenus=[dict(buttons=buttons, x=1.0, xanchor="right", y=1.12, yanchor="top")])
     fig.update_yaxes(title="layer", autorange="reversed", type="category")
     fig.update_xaxes(title="component")
@@ -203,11 +213,10 @@ def rank_scatter(pairs: dict[str, pd.DataFrame]) -> go.Figure:
                 hovertemplate="%{customdata[0]}[%{customdata[1]}]<br>rank A %{x}, rank B %{y}"
                               "<br>score A %{customdata[2]:.3g}, score B %{customdata[3]:.3g}<extra></extra>"))
     n = len(groups)
-    buttons = [dict(label=name, method="update",
-                    args=[{"visible": [j // n == i for j in range(len(names) * n)]},
-                          {"title": f"Rank vs rank on the union of the top-K: {name}"}])
-               for i, name in enumerate(names)]
-    fig.update_layout(title=f"Rank vs rank on the union of the top-K: {names[0] if names else ''}", height=520,
+    buttons = [_menu_button(name, [j // n == i for j in range(len(names) * n)],
+                            f"Rank vs rank on the union of the top-K: {name}") for i, name in enumerate(names)]
+    fig.update_layout(title=_title(f"Rank vs rank on the union of the top-K: {names[0] if names else ''}"),
+                      height=520,
                       updatemenus=[dict(buttons=buttons, x=1.0, xanchor="right", y=1.15, yanchor="top")])
     fig.update_xaxes(type="log", title="rank under metric A (1 = highest)")
     fig.update_yaxes(type="log", title="rank under metric B")
@@ -333,10 +342,9 @@ def token_rows(tokens: dict, metrics: list[str], roles: list[str]) -> go.Figure:
                                  hovertemplate=f"{key[0]} {key[1]} dim %{{x}}: %{{y:.4g}}<extra></extra>"),
                           row=j + 1, col=1)
     n = len(panels)
-    buttons = [dict(label=label, method="update", args=[{"visible": [t // n == i for t in range(len(labels) * n)]},
-                                                        {"title": f"Scores per dimension — token {label}"}])
-               for i, label in enumerate(labels)]
-    fig.update_layout(title=f"Scores per dimension — token {labels[0] if labels else ''}",
+    buttons = [_menu_button(label, [t // n == i for t in range(len(labels) * n)],
+                            f"Scores per dimension — token {label}") for i, label in enumerate(labels)]
+    fig.update_layout(title=_title(f"Scores per dimension — token {labels[0] if labels else ''}"),
                       height=170 * len(panels) + 150, bargap=0,
                       updatemenus=[dict(buttons=buttons, x=1.0, xanchor="right", y=1.0, yanchor="bottom",
                                         pad=dict(b=40))])

@@ -31,6 +31,27 @@ def test_figures_are_figures(sens):
     assert len(heat.layout.updatemenus[0].buttons) == len(sens.metrics)
 
 
+def test_menus_keep_the_title(sens):
+    """Every dropdown choice sets a whole title object with its text (a plain string would blank the title)."""
+    from critlib.agreement import rank_pairs
+    cells = tables.cells_frame(sens)
+    rows = {"a": {(m, "embed"): np.arange(8.0) + i for i, m in enumerate(sens.metrics)},
+            "b": {(m, "embed"): np.ones(8) for m in sens.metrics}}
+    figs = [viz.layer_component_heatmap(cells), viz.layer_component_heatmap(cells, "topk"),
+            viz.rank_scatter({"grad_x_weight vs magnitude": rank_pairs(sens, "grad_x_weight", "magnitude"),
+                              "magnitude vs wanda": rank_pairs(sens, "magnitude", "wanda")}),
+            viz.token_rows(rows, sens.metrics, ["embed"])]
+    for fig in figs:
+        assert fig.layout.title.text
+        buttons = fig.layout.updatemenus[0].buttons
+        assert len(buttons) >= 2
+        for b in buttons:
+            title = b.args[1]["title"]
+            assert isinstance(title, dict) and title["text"] and b.label in title["text"]
+            assert sum(b.args[0]["visible"]) == len(fig.data) // len(buttons)
+        fig.to_json()
+
+
 def test_dose_response_figure_has_one_panel_per_method():
     rows = []
     for method, arg in (("zero", None), ("scale", "10")):
