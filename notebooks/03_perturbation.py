@@ -11,10 +11,18 @@
 # %% [markdown]
 # # Phase 3 — The causal test: perturb the top-K and watch held-out quality
 #
-# Selectors: each metric's top-K, random-K (several draws: mean ± std), the largest-magnitude-K and each
-# metric's bottom-K; methods from `perturb_methods` (zero, sign flip, scale, relative Gaussian noise, tensor
-# mean, bit flips). Every perturbation is undone bit for bit before the next. Results:
-# `perturbation.parquet` / `.csv` (one row per draw) and `perturbation_summary`.
+# Selectors: each metric's top-K, random-K (several draws), the largest-magnitude-K and each metric's
+# bottom-K; methods from `perturb_methods` (zero, sign flip, scale, relative Gaussian noise, tensor mean, bit
+# flips). Every perturbation is undone bit for bit before the next. All effects are measured on one window
+# set, the first `perturb_heldout` held-out windows, named below (`<n>x<len>:<sha256 prefix>`), through the
+# run's store of evaluations: the same intervention on the same windows is evaluated once and reads the same
+# number in every phase (Phase 4 zeroing a super weight that is some metric's top-1 reads this page's value).
+#
+# Every effect carries a 95% confidence interval (`*_lo`, `*_hi`): for one selection, a paired bootstrap
+# over the held-out windows (the windows are resampled, the same windows for both models); for the random
+# control, a t-interval of the mean over its draws. With few windows or draws the intervals are wide, as
+# they should be. Results: `perturbation` (one row per draw), `perturbation_summary` (per selector, method,
+# K) and `perturbation_positions` (the damage by token position).
 
 # %% tags=["parameters"]
 params_file = None  # params YAML; None: built-in defaults, the embedded default model
@@ -22,6 +30,7 @@ output_dir = None  # folder for tables and JSON; None: the output_dir of the par
 write_dir = None  # where files are written; None: output_dir (critlib run writes to a staging folder)
 
 # %%
+import plotly.graph_objects as go
 from IPython.display import Markdown, display
 
 from critlib import viz
@@ -30,10 +39,14 @@ from critlib.run import notebook, perturbation, sensitivity
 P, ctx, out = notebook.start(globals())
 p1 = sensitivity.results(ctx, out)
 r3 = perturbation.run(ctx, p1, out)
-base = r3["baseline"]
-display(Markdown(f"Unperturbed held-out perplexity {base.get('ppl', float('nan')):.4g}, next-token accuracy "
-                 f"{base.get('accuracy', float('nan')):.3f} over {base.get('n_tokens', 0):,} tokens. "
-                 f"K ∈ {P.perturb_ks}; methods {P.perturb_methods}; {P.n_random_draws} random draws."))
+base, ws = r3["baseline"], r3["window_set"]
+bos = ws["bos"]
+display(Markdown(
+    f"Window set **`{ws['name']}`**: the first {ws['n_windows']} held-out windows of {ws['seq_len']} tokens "
+    f"({'each starting with BOS ' + repr(bos['token']) if bos else 'no BOS prepended'}). Unperturbed on it: "
+    f"perplexity {base.get('ppl', float('nan')):.4g}, next-token accuracy {base.get('accuracy', float('nan')):.3f} "
+    f"over {base.get('n_tokens', 0):,} predicted tokens. K ∈ {P.perturb_ks}; methods {P.perturb_methods}; "
+    f"{P.n_random_draws} random draws."))
 
 # %% [markdown]
 # ## Perplexity ratio (perturbed / unperturbed)
@@ -54,9 +67,33 @@ viz.dose_response(r3["summary"], "accuracy", log_y=False)
 viz.dose_response(r3["summary"], "kl")
 
 # %% [markdown]
-# ## At the largest K
+# ## At the largest K, with 95% intervals
+# `interval`: `windows` = bootstrap over the held-out windows (one selection), `draws` = t-interval of the
+# mean over the random draws.
 
 # %%
 s = r3["summary"]
 s[s["k"] == s["k"].max()][["selector", "method", "method_arg", "k", "n_changed_mean", "ppl_ratio_mean",
-                            "ppl_ratio_std", "accuracy_mean", "kl_mean", "n_draws"]].round(5)
+                            "ppl_ratio_lo", "ppl_ratio_hi", "kl_mean", "kl_lo", "kl_hi", "accuracy_delta_mean",
+                            "accuracy_delta_lo", "accuracy_delta_hi", "n_draws", "interval"]].round(5)
+
+# %% [markdown]
+# ## Where in the context the damage sits
+# Mean NLL increase per token (nats) by token position, for zeroing each metric's top-K and the magnitude
+# and random controls at the smallest and largest K. One average perplexity ratio hides this: damage that
+# sits on the first tokens weighs more in short windows than in long ones.
+
+# %%
+pos = r3["positions"]
+fig = go.Figure()
+for (sel, k), d in pos.groupby(["selector", "k"], sort=False):
+    fig.add_trace(go.Scatter(x=[f"{a}–{b - 1}" for a, b in zip(d["start"], d["stop"])], y=d["nll_increase"],
+                             mode="lines+markers", name=f"{sel}, K={k}",
+                             line=dict(dash="dot" if sel in ("random", "magnitude") else None)))
+fig.update_layout(title=f"NLL increase by token position ({ws['name']})", height=460,
+                  xaxis=dict(title="token positions (predicted token)", type="category"),
+                  yaxis=dict(title="mean NLL increase per token (nats)"))
+fig
+
+# %%
+pos.pivot_table(index=["selector", "k"], columns="start", values="nll_increase", sort=False).round(4)
