@@ -121,26 +121,48 @@ def _layer_label(layer) -> str:
     return "outside blocks" if layer is None or pd.isna(layer) else str(int(layer))
 
 
+HEATMAP_DECADES = 5  # the log colour scale spans at most this many powers of ten below the largest cell
+
+
+def _log_colorbar(lo: float, hi: float, title: str, percent: bool) -> dict:
+    """A colourbar for log10 values in [lo, hi], ticked at powers of ten and labelled in the values' units."""
+    ticks = list(range(math.floor(lo), math.ceil(hi) + 1)) or [0]
+    text = [(f"{10.0 ** t * 100:.{max(0, -t - 2)}f}%" if percent else f"{10.0 ** t:,.{max(0, -t)}f}") for t in ticks]
+    return dict(title=dict(text=title, side="right"), tickvals=ticks, ticktext=text)
+
+
 def layer_component_heatmap(cells: pd.DataFrame, value: str = "score_share") -> go.Figure:
     """Layer × component heatmap of `value` ("score_share" or "topk") with a dropdown per metric; hover
-    names the parameters of the cell and its numbers."""
+    names the parameters of the cell and its numbers.
+
+    Colours are on a log scale (at most HEATMAP_DECADES powers of ten below the largest cell, lower cells
+    take the lowest colour): on a linear scale the embedding cell alone would use up the range and every block
+    would look the same. Empty cells hold no score (or no top-K weight)."""
     metrics = list(dict.fromkeys(cells["metric"]))
     comps = [c for c in COMPONENTS if c in set(cells["component"])]
     layers = sorted({int(v) for v in cells["layer"].dropna()})
     ylabels = [str(v) for v in layers] + (["outside blocks"] if cells["layer"].isna().any() else [])
     label = {"score_share": "share of the metric's total score", "topk": "weights in the global top-K"}[value]
+    bar_title = {"score_share": "share of the<br>metric's score<br>(log scale)",
+                 "topk": "weights in<br>the top-K<br>(log scale)"}[value]
     fig = go.Figure()
     for i, m in enumerate(metrics):
         sub = cells[cells["metric"] == m]
         z = np.full((len(ylabels), len(comps)), np.nan)
-        text = np.full(z.shape, "", dtype=object)
+        text = np.full(z.shape, "no weights here", dtype=object)
         for row in sub.itertuples():
             y, x = ylabels.index(_layer_label(row.layer)), comps.index(row.component)
-            z[y, x] = getattr(row, value)
+            v = float(getattr(row, value))
+            z[y, x] = math.log10(v) if v > 0 else np.nan
             text[y, x] = (f"{row.params}<br>weights: {row.n_weights:,}<br>score sum: {row.score_sum:.4g}"
                           f"<br>share of score: {row.score_share:.3%}<br>in top-{row.k}: {row.topk}")
+        finite = z[np.isfinite(z)]
+        hi = float(finite.max()) if finite.size else 0.0
+        lo = max(float(finite.min()), hi - HEATMAP_DECADES) if finite.size else -1.0
+        lo = min(lo, hi - 1)  # at least one decade, so a single value still has a colour bar
         fig.add_trace(go.Heatmap(z=z, x=comps, y=ylabels, text=text, visible=i == 0, colorscale="Viridis",
-                                 colorbar=dict(title=value), name=m, hoverongaps=False,
+                                 zmin=lo, zmax=hi, colorbar=_log_colorbar(lo, hi, bar_title, value == "score_share"),
+                                 name=m, hoverongaps=True,
                                  hovertemplate=f"<b>{m}</b> layer %{{y}}, %{{x}}<br>%{{text}}<extra></extra>"))
     buttons = [_menu_button(m, [j == i for j in range(len(metrics))], f"{label} — {m}")
                for i, m in enumerate(metrics)]

@@ -31,6 +31,24 @@ def test_figures_are_figures(sens):
     assert len(heat.layout.updatemenus[0].buttons) == len(sens.metrics)
 
 
+def test_heatmap_colours_are_log_with_a_worded_colourbar(sens):
+    cells = tables.cells_frame(sens)
+    for value in ("score_share", "topk"):
+        fig = viz.layer_component_heatmap(cells, value)
+        for t in fig.data:
+            sub = cells[cells["metric"] == t.name]
+            v = sub[value].to_numpy(dtype=float)
+            z = np.array(t.z, dtype=float)
+            drawn = np.sort(z[np.isfinite(z)])
+            assert np.allclose(drawn, np.sort(np.log10(v[v > 0])))  # zero cells left empty
+            assert t.zmax == pytest.approx(drawn.max()) and t.zmax - viz.HEATMAP_DECADES <= t.zmin < t.zmax
+            bar = t.colorbar
+            assert "log" in bar.title.text and value not in bar.title.text  # words, not the column's name
+            assert len(bar.tickvals) == len(bar.ticktext) and all(float(x).is_integer() for x in bar.tickvals)
+            if value == "score_share":
+                assert all(s.endswith("%") for s in bar.ticktext)
+
+
 def test_menus_keep_the_title(sens):
     """Every dropdown choice sets a whole title object with its text (a plain string would blank the title)."""
     from critlib.agreement import rank_pairs
