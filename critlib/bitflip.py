@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from . import CritlibError
+from .effects import Evaluations, effect, intervention_key, window_set
 from .evaluate import evaluate
 from .perturb import BitFlip, Selection, exponent_bits, mantissa_bits, perturbed, sign_bit
 from .scores import scored_parameters
@@ -79,26 +80,52 @@ def flipped(model: torch.nn.Module, flips: list[Flip]):
 
 
 class Evaluator:
-    """Held-out evaluation against the unperturbed model: ppl, ppl ratio and KL(base ‖ perturbed)."""
+    """Held-out evaluation against the unperturbed model: ppl, nll, accuracy, and the effects ppl_ratio, kl
+    (KL(base ‖ perturbed) per token) and accuracy_delta, each with its 95% bootstrap interval over the windows
+    (`<effect>_lo`/`_hi`, critlib.effects). `ev()` measures the model as it is now; `ev.measure(key, apply)`
+    measures a keyed intervention through `store` (an `Evaluations`; pass a run's store to share its
+    evaluations), once per key and window set. A NaN/inf perplexity has ppl_ratio inf (broken)."""
 
-    def __init__(self, model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8):
+    def __init__(self, model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8,
+                 store: Evaluations | None = None):
         if not len(windows):
             raise CritlibError("bit-flip and application experiments need held-out windows; set n_heldout ≥ 1")
         self.model, self.windows, self.batch_size = model, windows, batch_size
-        base = evaluate(model, windows, batch_size, keep_logprobs=True)
-        self.reference = base.pop("logprobs")
-        self.base = base
+        self.store = store if store is not None else Evaluations(model, batch_size)
+        self._base = self.store.baseline(windows)  # once per window set, with per-window sums and log-probs
+        self.reference = self._base["logprobs"]
+        self.base = {k: self._base[k] for k in ("ppl", "nll", "accuracy", "n_tokens")}
+        self.window_set = window_set(windows)
         self.n_evals = 0
 
     def __call__(self) -> dict:
         self.n_evals += 1
-        try:
-            out = evaluate(self.model, self.windows, self.batch_size, reference=self.reference)
-        except OverflowError:  # evaluate's exp(nll) overflows: the model is broken beyond measure
-            return {"ppl": float("inf"), "nll": float("inf"), "accuracy": float("nan"), "kl": float("nan"),
-                    "ppl_ratio": float("inf")}
-        out["ppl_ratio"] = out["ppl"] / self.base["ppl"] if math.isfinite(out["ppl"]) else float("inf")
+        out = evaluate(self.model, self.windows, self.batch_size, reference=self.reference, per_window=True)
+        return self._result(out, effect(self._base, out, seed=self.store.seed))
+
+    def measure(self, key: str, apply) -> dict:
+        """The keyed intervention `key` (critlib.effects.intervention_key), `apply()` a context manager that
+        makes it; evaluated only when the store does not hold it for these windows."""
+        before = self.store.n_evaluations
+        rec = self.store.measure(key, self.windows, apply)
+        self.n_evals += self.store.n_evaluations - before
+        return self._result(rec, rec)
+
+    def _result(self, point: dict, eff: dict) -> dict:
+        ppl = _number(point["ppl"])
+        out = {"ppl": ppl, "nll": _number(point.get("nll")), "accuracy": _number(point["accuracy"]),
+               **{k: _number(eff.get(k)) for k in EFFECT_KEYS}, "window_set": self.window_set}
+        if not math.isfinite(ppl):
+            out["ppl_ratio"] = float("inf")
         return out
+
+
+EFFECT_KEYS = ("ppl_ratio", "ppl_ratio_lo", "ppl_ratio_hi", "kl", "kl_lo", "kl_hi", "accuracy_delta",
+               "accuracy_delta_lo", "accuracy_delta_hi")
+
+
+def _number(v) -> float:
+    return float("nan") if v is None else float(v)
 
 
 def _value(p: torch.Tensor, flat: int) -> float:
@@ -108,7 +135,8 @@ def _value(p: torch.Tensor, flat: int) -> float:
 def single_flips(model: torch.nn.Module, candidates: list[tuple[str, int, str, int]], bits: list[str | int],
                  ev: Evaluator, progress=None) -> pd.DataFrame:
     """Damage of flipping each bit of `bits` in each candidate (selector, rank, param, flat), one flip at a
-    time. A (param, flat, bit) shared by several selectors is measured once. One row per (candidate, bit)."""
+    time, with 95% intervals over the windows (`ev.measure`, keyed `bitflip:<position> param[flat]`). A
+    (param, flat, bit) shared by several selectors is measured once. One row per (candidate, bit)."""
     params = dict(scored_parameters(model))
     cache: dict[Flip, dict] = {}
     rows = []
@@ -121,9 +149,12 @@ def single_flips(model: torch.nn.Module, candidates: list[tuple[str, int, str, i
                 before = _value(p, flat)
                 with flipped(model, [key]):
                     after = _value(p, flat)
-                    res = ev()
-                cache[key] = dict(value_before=before, value_after=after, ppl=res["ppl"],
-                                  ppl_ratio=res["ppl_ratio"], kl=res["kl"], accuracy=res["accuracy"])
+                one, flip = Selection.from_list([(name, flat)]), BitFlip(bit)
+                res = ev.measure(intervention_key(one, flip), lambda s=one, f=flip: perturbed(model, s, f))
+                cache[key] = dict(value_before=before, value_after=after, ppl=res["ppl"], ppl_ratio=res["ppl_ratio"],
+                                  kl=res["kl"], accuracy=res["accuracy"],
+                                  **{k: res[k] for k in EFFECT_KEYS if k not in ("ppl_ratio", "kl")},
+                                  window_set=res["window_set"])
                 if progress is not None:
                     progress.update(1)
             rows.append(dict(selector=selector, rank=rank, param=name, row=row, col=col, flat=flat, bit=bit,

@@ -160,7 +160,7 @@ class Evaluations:
             else:
                 self.n_evaluations += 1
                 changed = evaluate(self.model, windows, self.batch_size, reference=base["logprobs"], per_window=True)
-        rec = {"key": key, "window_set": name, "n_changed": n_changed, "ppl": changed["ppl"],
+        rec = {"key": key, "window_set": name, "n_changed": n_changed, "ppl": changed["ppl"], "nll": changed["nll"],
                "accuracy": changed["accuracy"], "base_ppl": base["ppl"],
                **effect(base, changed, seed=self.seed), "positions": position_damage(base, changed)}
         self.records[store_key] = rec

@@ -93,3 +93,34 @@ def test_flipped_restores_and_random_flips_are_seeded():
         assert changed == 50
     for n, p in m.named_parameters():
         assert torch.equal(p.detach().view(torch.int32), before[n].view(torch.int32))
+
+
+def test_flips_carry_intervals_and_share_the_store(windows):
+    from critlib.effects import Evaluations, effect, intervention_key
+    from critlib.experiments import dose_response
+    from critlib.perturb import BitFlip, Selection
+    m = tiny("tiny-llama")
+    name = "model.layers.0.mlp.down_proj.weight"
+    store = Evaluations(m, batch_size=2)
+    # Phase 3 flips bit 26 of one weight; the bit-flip table then reads that measurement instead of redoing it
+    sel = Selection.from_list([(name, 7)])
+    df = dose_response(m, windows[:2], {"one": lambda k, d: sel}, [BitFlip(26)], [1], progress=False, store=store)
+    ev = Evaluator(m, windows[:2], 2, store=store)
+    table = single_flips(m, [("a", 1, name, 7)], [26, 25], ev)
+    assert ev.n_evals == 1  # only bit 25 was new
+    row26 = table[table.bit == 26].iloc[0]
+    assert row26.ppl_ratio == df.ppl_ratio.iloc[0] and row26.ppl_ratio_lo == df.ppl_ratio_lo.iloc[0]
+    assert store.get(intervention_key(sel, BitFlip(26)), windows[:2]) is not None
+    # the intervals are effects.effect of the same evaluations, and lie around the point estimate
+    row25 = table[table.bit == 25].iloc[0]
+    base = evaluate(m, windows[:2], 2, keep_logprobs=True, per_window=True)
+    with flipped(m, [(name, 7, 25)]):
+        changed = evaluate(m, windows[:2], 2, reference=base["logprobs"], per_window=True)
+    want = effect(base, changed)
+    for c in ("ppl_ratio", "ppl_ratio_lo", "ppl_ratio_hi", "kl_lo", "kl_hi", "accuracy_delta_hi"):
+        assert row25[c] == want[c], c
+    assert row25.ppl_ratio_lo <= row25.ppl_ratio <= row25.ppl_ratio_hi and row25.window_set == ev.window_set
+    # the un-keyed call (the model as it is) carries the same intervals
+    with flipped(m, [(name, 7, 25)]):
+        now = ev()
+    assert now["ppl_ratio_hi"] == want["ppl_ratio_hi"] and now["kl"] == want["kl"] and ev.n_evals == 2

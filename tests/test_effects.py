@@ -66,6 +66,14 @@ def test_store_evaluates_each_key_once(setup):
     assert other["window_set"] == window_set(windows[:3]) != a["window_set"] and store.n_evaluations == n + 2
     nothing = store.measure("zero nothing", windows, lambda: perturbed(model, Selection(), Zero()))
     assert nothing["ppl_ratio"] == 1.0 and nothing["kl"] == 0.0 and store.n_evaluations == n + 2
+    assert store.get("zero top-1", windows) is a and store.get("zero top-1", a["window_set"]) is a
+    assert store.get("zero top-1", windows[:2]) is None
+    # the unchanged model's numbers, kept with the effects: no evaluation when its baseline is known
+    base = store.unchanged(windows)
+    assert base["ppl"] == a["base_ppl"] and base["n_tokens"] == 6 * 9 and store.n_evaluations == n + 2
+    assert a["nll"] == pytest.approx(math.log(a["ppl"]), rel=1e-12)
+    fresh = Evaluations(model, batch_size=4, records=dict(store.records))
+    assert fresh.unchanged(windows) == base and fresh.n_evaluations == 0
 
 
 def test_position_damage_is_the_bucket_mean(setup):
