@@ -82,9 +82,10 @@ BAD = [
     (["--set", "topk_global=0"], "topk_global=0 must be ≥ 1"),
     (["--set", "topk_global=100000000"], "exceeds the model's"),
     (["--set", "metrics=gradx"], "unknown metric 'gradx'; choose from:"),
-    (["--set", "model=does/not-exist"], "cannot load model 'does/not-exist'"),
+    (["--set", "model=does/not-exist"], "model 'does/not-exist' not found"),
     (["--set", "device=cuda"], "CUDA is not available"),
-    (["--set", "seq_len=4096"], "windows of 4096"),
+    (["--set", "seq_len=4096"], "seq_len=4096 is longer than the 256 positions"),
+    (["--set", "seq_len=200", "--set", "n_sequences=400"], "windows of 200"),
     (["--set", "data=/nonexistent.txt"], "neither a built-in corpus"),
     (["--set", "seq_len=x"], "seq_len must be an integer"),
 ]
@@ -106,7 +107,7 @@ def test_bad_yaml_and_bad_gguf(tmp_path, capsys):
     assert "not valid YAML" in capsys.readouterr().err
     (tmp_path / "broken.gguf").write_bytes(b"not a gguf file at all")
     assert run(tmp_path, "--set", f"model={tmp_path / 'broken.gguf'}") == 2
-    assert "cannot load model" in capsys.readouterr().err
+    assert "is not a GGUF file" in capsys.readouterr().err
 
 
 def test_short_text(tmp_path, capsys):

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from critlib.rank import TopK, topk_chunked, topk_exact
-from critlib.sensitivity import analyze
 from critlib.scores import score_model
 from tests.conftest import tiny
 
@@ -101,39 +100,6 @@ def test_global_topk_equals_full_sort_over_model():
     got = tk.global_topk(300, names)
     assert [(n, f) for n, f, _ in got] == ref
     assert [s for _, _, s in got] == pytest.approx(vals[order].tolist())
-
-
-def test_per_layer_topk_equals_per_tensor_sort(windows):
-    model = tiny("tiny-qwen2")
-    res = analyze(model, windows, ["grad_x_weight"], topk_global=50, topk_per_layer=8, progress=False,
-                  chunk_size=29)
-    seen = {}
-    score_model(model, windows, ["grad_x_weight"], lambda m, n, s: seen.__setitem__(n, s.reshape(-1).clone()),
-                progress=False)
-    for name, s in seen.items():
-        v, i = res.topk["grad_x_weight"].per_tensor(name, 8)
-        ref = full_sort(s.numpy())[:8]
-        assert i.tolist() == ref.tolist(), name
-
-
-def test_bottom_k_is_lowest_scores():
-    model = tiny("tiny-llama")
-    res = analyze(model, torch.zeros(1, 4, dtype=torch.long), ["magnitude"], topk_global=5, topk_per_layer=5,
-                  bottomk=20, exact_stats=False, progress=False)
-    allw = torch.cat([p.detach().abs().reshape(-1) for p in model.parameters()]).double().numpy()
-    low = np.sort(allw)[:20]
-    assert [s for _, _, s in res.global_bottom("magnitude", 20)] == pytest.approx(low.tolist())
-
-
-def test_sensitivity_round_trips_through_a_safe_file(tmp_path, windows):
-    model = tiny("tiny-gpt2")
-    res = analyze(model, windows, ["wanda", "fisher"], topk_global=12, topk_per_layer=3, bottomk=4, progress=False)
-    res.save(tmp_path / "s.pt", {"key": "k1"})
-    back, extra = type(res).load(tmp_path / "s.pt")
-    assert extra == {"key": "k1"}
-    for m in res.metrics:
-        assert back.global_top(m) == res.global_top(m) and back.global_bottom(m, 4) == res.global_bottom(m, 4)
-    assert back.stats == res.stats and back.parts == res.parts and back.gathered == res.gathered
 
 
 @pytest.mark.parametrize("kind", ["normal", "ties", "negative", "zeros", "signed_zeros"])

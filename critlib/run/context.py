@@ -19,7 +19,7 @@ import torch
 from .. import CritlibError, __version__
 from ..data import Windows, load_windows
 from ..manifest import Timer, git_commit, host, peak_memory, versions
-from ..models import Loaded, device_name, load_model
+from ..models import Loaded, check_seq_len, device_name, load_model
 from ..params import Params
 
 
@@ -55,19 +55,12 @@ def prepare(params: Params, timer: Timer | None = None) -> Context:
     with timer.stage("load_model"):
         loaded = load_model(params.model, params.dtype, params.device, params.seed, params.tokenizer,
                             params.trust_remote_code, params.revision, params.device_map, params.max_memory)
-    _check_positions(loaded.model, params.seq_len)
+    check_seq_len(loaded.model, params.seq_len)
     with timer.stage("load_data"):
         windows = load_windows(params.data, loaded.tokenizer, params.seq_len, params.n_sequences,
                                params.n_heldout, params.prepend_bos, params.seed, params.text_field,
                                vocab_size=loaded.model.get_input_embeddings().num_embeddings)
     return Context(params, loaded, windows, timer)
-
-
-def _check_positions(model, seq_len: int) -> None:
-    from .. import models
-    check = getattr(models, "check_seq_len", None)
-    if check is not None:
-        check(model, seq_len)
 
 
 def config_from(cls, params: Params, **overrides):
