@@ -18,6 +18,14 @@ from .tables import ccdf, log_histogram
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf")
+# One colour per metric on every page: the metric's curves in Phase 1, its top-K ("top:m") in Phase 3, its
+# selector in Phase 6; its bottom-K ("bottom:m") is a lighter shade. Other metrics take EXTRA_COLORS in the
+# order they come (the params' order, the same on every page). The random control is black.
+METRIC_COLORS = {"grad_x_weight": "#1f77b4", "grad_squared": "#ff7f0e", "fisher": "#2ca02c", "magnitude": "#9467bd",
+                 "wanda": "#d62728"}
+EXTRA_COLORS = ("#8c564b", "#e377c2", "#17becf", "#bcbd22", "#393b79", "#637939", "#8c6d31", "#843c39",
+                "#7b4173", "#3182bd", "#e6550d", "#31a354")
+RANDOM_COLOR = "#222222"
 
 # Every figure's Plotly config. Reports hold unpublished research: no "Share chart" button (plotly.js uploads
 # the chart to Plotly Cloud, at plotlyServerURL), no logo linking to plotly.com.
@@ -62,8 +70,31 @@ def _menu_button(label: str, visible: list[bool], title: str) -> dict:
     return dict(label=label, method="update", args=[{"visible": visible}, {"title": _title(title)}])
 
 
+def _base_metric(name: str) -> str:
+    return name.split(":", 1)[1] if name.startswith(("top:", "bottom:")) else name
+
+
+def _lighter(color: str, amount: float = 0.45) -> str:
+    r, g, b = (int(color[i:i + 2], 16) for i in (1, 3, 5))
+    return "#" + "".join(f"{round(v + (255 - v) * amount):02x}" for v in (r, g, b))
+
+
 def colors(names) -> dict[str, str]:
-    return {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(names)}
+    """A fixed colour per metric or selector name (see METRIC_COLORS): `m`, `top:m` share m's colour,
+    `bottom:m` a lighter one, `random` is black; names without a fixed colour take EXTRA_COLORS in order."""
+    names = list(names)
+    extra = iter(EXTRA_COLORS * (1 + len(names) // len(EXTRA_COLORS)))
+    base: dict[str, str] = dict(METRIC_COLORS)
+    out = {}
+    for n in names:
+        m = _base_metric(n)
+        if n.startswith("random"):
+            out[n] = RANDOM_COLOR
+            continue
+        if m not in base:
+            base[m] = next(extra)
+        out[n] = _lighter(base[m]) if n.startswith("bottom:") else base[m]
+    return out
 
 
 # ---------------------------------------------------------------- phase 1
@@ -275,42 +306,90 @@ def cross_vs_baseline(table: pd.DataFrame) -> go.Figure:
 
 # ---------------------------------------------------------------- phase 3
 
+def _magnitude_labels(summary: pd.DataFrame) -> tuple[dict[str, str], set[str]]:
+    """Legend names of the selectors, and those not drawn. `magnitude` (the control: exact global top-|w|) and
+    `top:magnitude` (Phase 1's magnitude top-K) pick the same weights but for ties: when every measured value
+    agrees they are drawn once, as "top:magnitude = magnitude control"; otherwise both, named apart."""
+    names = {s: s for s in dict.fromkeys(summary["selector"])}
+    if not {"magnitude", "top:magnitude"} <= set(names):
+        if "magnitude" in names:
+            names["magnitude"] = "magnitude control (top-|w|)"
+        return names, set()
+    cols = [c for c in summary.columns if c.endswith("_mean")]
+    key = ["method", "method_arg", "k"]
+
+    def values(sel):
+        d = summary[summary["selector"] == sel].assign(method_arg=lambda t: t["method_arg"].fillna(""))
+        return d.set_index(key)[cols].sort_index()
+
+    a, b = values("top:magnitude"), values("magnitude")
+    if a.index.equals(b.index) and np.allclose(a.to_numpy(float), b.to_numpy(float), rtol=1e-9, equal_nan=True):
+        names["top:magnitude"] = "top:magnitude = magnitude control"
+        return names, {"magnitude"}
+    names["magnitude"] = "magnitude control (exact top-|w|)"
+    return names, set()
+
+
+def _dash(selector: str) -> str | None:
+    """Controls dotted, bottom-K dashed, the metrics' selections solid."""
+    if selector in BASELINE_SELECTORS or selector.startswith("random"):
+        return "dot"
+    return "dash" if selector.startswith("bottom:") else None
+
+
 def dose_response(summary: pd.DataFrame, value: str = "ppl_ratio", log_y: bool = True) -> go.Figure:
     """Dose-response over K of `value` (ppl_ratio, accuracy or kl), one panel per perturbation method, one
-    line per selector; selectors with several draws show mean ± std as a band."""
+    line per selector (fixed colours, `colors`; controls dotted, bottom-K dashed); selectors with several
+    draws show mean ± std as a band. On a log axis, where mean − std ≤ 0 the band's lower edge mirrors its
+    upper edge (same factor below the mean as above), so it does not fill down to the axis. Points whose value
+    is NaN/inf (the model broke) are drawn as × at the top of the axis, labelled "broken"."""
     methods = list(dict.fromkeys(zip(summary["method"], summary["method_arg"].fillna(""))))
     titles = [f"{m}{':' + a if a else ''}" for m, a in methods]
     cols = min(3, len(methods)) or 1
     rows = math.ceil(len(methods) / cols) or 1
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, horizontal_spacing=0.07,
                         vertical_spacing=0.12)
+    log = log_y and value in ("ppl_ratio", "kl")
     selectors = list(dict.fromkeys(summary["selector"]))
     cmap = colors(selectors)
+    names, hidden = _magnitude_labels(summary)
+    drawn = summary[(summary["k"] > 0) & ~summary["selector"].isin(hidden)]
+    top = drawn[f"{value}_mean"] + drawn[f"{value}_std"].fillna(0)
+    level = _ceiling(list(top) + list(drawn[f"{value}_mean"]), log)
+    n_broken = 0
     for i, (m, a) in enumerate(methods):
         r, c = i // cols + 1, i % cols + 1
-        sub = summary[(summary["method"] == m) & (summary["method_arg"].fillna("") == a)]
+        sub = drawn[(drawn["method"] == m) & (drawn["method_arg"].fillna("") == a)]
         for s in selectors:
             d = sub[sub["selector"] == s].sort_values("k")
-            d = d[d["k"] > 0]
             if d.empty:
                 continue
-            mean, std = d[f"{value}_mean"], d[f"{value}_std"].fillna(0)
-            if (d["n_draws"] > 1).any():
-                fig.add_trace(go.Scatter(x=list(d["k"]) + list(d["k"])[::-1],
-                                         y=list(mean + std) + list(mean - std)[::-1], fill="toself",
+            mean, std = d[f"{value}_mean"].astype(float), d[f"{value}_std"].astype(float).fillna(0)
+            ok = np.isfinite(mean) & np.isfinite(std)
+            if (d["n_draws"] > 1).any() and ok.any():
+                k, mu, sd = d["k"][ok], mean[ok], std[ok]
+                lo = mu - sd
+                if log:
+                    lo = lo.where(lo > 0, mu * mu / (mu + sd))
+                fig.add_trace(go.Scatter(x=list(k) + list(k)[::-1], y=list(mu + sd) + list(lo)[::-1], fill="toself",
                                          fillcolor=cmap[s], opacity=0.2, line=dict(width=0), hoverinfo="skip",
                                          showlegend=False, legendgroup=s), row=r, col=c)
+            y, broken = _at_level(mean, level)
+            n_broken += sum(broken)
+            shown = [f"{v:.4g} ± {e:.2g}" if not b else "NaN/inf: the model broke"
+                     for v, e, b in zip(mean, std, broken)]
             fig.add_trace(go.Scatter(
-                x=d["k"], y=mean, mode="lines+markers", name=s, legendgroup=s, showlegend=i == 0,
-                line=dict(color=cmap[s], dash="dot" if s.startswith(("random", "bottom", "magnitude")) else None),
-                customdata=np.stack([std, d["n_draws"], d["n_changed_mean"]], axis=1),
-                hovertemplate=(f"<b>{s}</b> K=%{{x}}<br>{value}: %{{y:.4g}} ± %{{customdata[0]:.2g}}"
+                x=d["k"], y=y, mode="lines+markers+text", name=names[s], legendgroup=s, showlegend=i == 0,
+                line=dict(color=cmap[s], dash=_dash(s)), **_broken_marks(broken),
+                customdata=np.stack([np.array(shown, dtype=object), d["n_draws"], d["n_changed_mean"]], axis=1),
+                hovertemplate=(f"<b>{names[s]}</b> K=%{{x}}<br>{value}: %{{customdata[0]}}"
                                "<br>draws: %{customdata[1]}, weights changed: %{customdata[2]:.0f}<extra></extra>")),
                 row=r, col=c)
     fig.update_xaxes(type="log", title="K (weights perturbed)")
-    if log_y and value in ("ppl_ratio", "kl"):
+    if log:
         fig.update_yaxes(type="log")
     fig.update_layout(title=f"Dose-response: {value} vs K", height=330 * rows + 120)
+    _note_broken(fig, n_broken, value)
     return fig
 
 
@@ -403,6 +482,45 @@ def _line(selector: str) -> dict:
     return dict(dash="dot") if selector in BASELINE_SELECTORS else {}
 
 
+def _ceiling(values, log: bool = True) -> float:
+    """A height above every finite value, where points that broke the model (NaN/inf) are drawn: on a log axis
+    the next power of ten above the largest value, times ten; on a linear one 15 % of the range above it."""
+    finite = [v for v in _finite(values) if v is not None and (v > 0 or not log)]
+    if log:
+        return 10.0 ** (math.ceil(math.log10(max(finite + [1.0]))) + 1)
+    lo, hi = min(finite, default=0.0), max(finite, default=1.0)
+    return hi + 0.15 * ((hi - lo) or abs(hi) or 1.0)
+
+
+def _at_level(values, level: float) -> tuple[list, list[bool]]:
+    """(y, broken): the values with NaN/inf replaced by `level`, and which ones were."""
+    y = _finite(values)
+    broken = [v is None for v in y]
+    return [level if b else v for v, b in zip(y, broken)], broken
+
+
+def _shown(v, digits: int = 4) -> str:
+    """A value for hover text: the number, or that the model broke."""
+    v = float(v) if v is not None and not pd.isna(v) else float("nan")
+    return f"{v:.{digits}g}" if math.isfinite(v) else f"{v} (the model broke)"
+
+
+def _broken_marks(broken: list[bool]) -> dict:
+    """Marker and text settings of a lines+markers+text trace: × and "broken" at the points that broke."""
+    return dict(marker=dict(symbol=["x" if b else "circle" for b in broken],
+                            size=[11 if b else 6 for b in broken]),
+                text=["broken" if b else "" for b in broken], textposition="top center",
+                textfont=dict(size=10, color="#444"))
+
+
+def _note_broken(fig: go.Figure, n: int, value: str) -> None:
+    if n:
+        fig.add_annotation(text=f"× broken: {n} point(s) where {value} was NaN/inf (the model broke), drawn at the top",
+                           xref="paper", yref="paper", x=0, y=0, yshift=-62, xanchor="left", yanchor="top",
+                           showarrow=False, font=dict(size=11))
+        fig.update_layout(margin=dict(b=100))
+
+
 def _reference_label(selector: str, clip_z: float) -> str:
     base = "no outliers kept" if selector == "none" else "super weights kept"
     return base + (f", clipped at z={clip_z:g}" if clip_z else "")
@@ -412,7 +530,8 @@ def quantization_curves(df: pd.DataFrame, value: str = "ppl") -> go.Figure:
     """Held-out `value` (ppl, ppl_ratio or kl) against the share of each tensor's weights kept in original
     precision, one line per selector (the magnitude and random baselines dotted), one panel per bit width.
     Horizontal dashed lines: quantization with no outliers kept (the reference every selector starts from) and
-    the super-weight-aware points (super weights kept, clipping), when present."""
+    the super-weight-aware points (super weights kept, clipping), when present. Points whose value is NaN/inf
+    (the model broke) are drawn as × at the top, labelled "broken"."""
     configs = list(dict.fromkeys(zip(df["bits"], df["group_size"], df["symmetric"])))
     titles = [f"{b}-bit, groups of {g}, {'symmetric' if s else 'asymmetric'}" for b, g, s in configs]
     fig = make_subplots(rows=1, cols=max(1, len(configs)), subplot_titles=titles, horizontal_spacing=0.08)
@@ -424,8 +543,10 @@ def quantization_curves(df: pd.DataFrame, value: str = "ppl") -> go.Figure:
     refs = list(dict.fromkeys(zip(df.loc[df["keep_percent"] == 0, "selector"], df.loc[df["keep_percent"] == 0, "clip_z"])))
     ref_colors = {r: c for r, c in zip(refs, ("#222222", "#7f7f7f", "#bcbd22", "#e377c2"))}
     hover = ("%{customdata[0]}<br>kept: %{x:g}% of each tensor (%{customdata[1]:,} weights)<br>" + value
-             + ": %{y:.5g}<br>ppl ratio: %{customdata[2]:.4g}, KL: %{customdata[3]:.3g}<br>bits per weight: "
+             + ": %{customdata[5]}<br>ppl ratio: %{customdata[2]:.4g}, KL: %{customdata[3]:.3g}<br>bits per weight: "
              "%{customdata[4]:.3f}<extra></extra>")
+    level = _ceiling(df[value], log=False)
+    n_broken = 0
     for j, (bits, g, sym) in enumerate(configs, 1):
         sub = df[(df["bits"] == bits) & (df["group_size"] == g) & (df["symmetric"] == sym)]
         for (sel, z), color in ref_colors.items():
@@ -434,33 +555,41 @@ def quantization_curves(df: pd.DataFrame, value: str = "ppl") -> go.Figure:
                 continue
             r = r.iloc[0]
             label = _reference_label(sel, z)
+            y, broken = _at_level([r[value]] * 2, level)
+            n_broken += broken[0]
             fig.add_trace(go.Scatter(
-                x=span, y=_finite([r[value]] * 2), mode="lines", name=label, legendgroup=label, showlegend=j == 1,
-                line=dict(color=color, dash="dash"),
-                customdata=[[label, int(r["n_kept"]), r["ppl_ratio"], r["kl"], r["bits_per_weight"]]] * 2,
+                x=span, y=y, mode="lines+text" if broken[0] else "lines", name=label, legendgroup=label,
+                showlegend=j == 1, line=dict(color=color, dash="dash"),
+                text=["broken", ""] if broken[0] else None, textposition="top right",
+                customdata=[[label, int(r["n_kept"]), r["ppl_ratio"], r["kl"], r["bits_per_weight"],
+                             _shown(r[value], 5)]] * 2,
                 hovertemplate=hover.replace("kept: %{x:g}% of each tensor (%{customdata[1]:,} weights)",
                                             "weights kept: %{customdata[1]:,}")), row=1, col=j)
         for sel in selectors:
             d = sub[(sub["selector"] == sel) & (sub["keep_percent"] > 0)].sort_values("keep_percent")
             if d.empty:
                 continue
+            y, broken = _at_level(d[value], level)
+            n_broken += sum(broken)
             fig.add_trace(go.Scatter(
-                x=d["keep_percent"], y=_finite(d[value]), mode="lines+markers", name=sel, legendgroup=sel,
-                showlegend=j == 1, line=dict(color=cmap[sel], **_line(sel)),
+                x=d["keep_percent"], y=y, mode="lines+markers+text", name=sel, legendgroup=sel,
+                showlegend=j == 1, line=dict(color=cmap[sel], **_line(sel)), **_broken_marks(broken),
                 customdata=np.stack([np.full(len(d), sel, dtype=object), d["n_kept"], d["ppl_ratio"], d["kl"],
-                                     d["bits_per_weight"]], axis=1),
+                                     d["bits_per_weight"], [_shown(v, 5) for v in d[value]]], axis=1),
                 hovertemplate=hover), row=1, col=j)
     fig.update_xaxes(type="log", title="weights kept in original precision (% of each tensor)")
     fig.update_yaxes(title={"ppl": "held-out perplexity", "ppl_ratio": "perplexity ratio"}.get(value, value),
                      row=1, col=1)
     fig.update_layout(title=f"Quantization with kept outliers: {value} per selector", height=460)
+    _note_broken(fig, n_broken, value)
     return fig
 
 
 def pruning_curves(df: pd.DataFrame, value: str = "ppl", log_y: bool = True) -> go.Figure:
     """Held-out `value` against sparsity, one panel per mode (per_layer, global), one line per selector (the
     magnitude and random baselines dotted; with a protected set, dashed); every line starts at the unpruned
-    model (sparsity 0)."""
+    model (sparsity 0). Points whose value is NaN/inf (the model broke) are drawn as × at the top, labelled
+    "broken"."""
     ref = df[df["kind"] == "reference"]
     y0 = float(ref[value].iloc[0]) if len(ref) else None
     runs = df[df["kind"] != "reference"]
@@ -469,7 +598,9 @@ def pruning_curves(df: pd.DataFrame, value: str = "ppl", log_y: bool = True) -> 
                         horizontal_spacing=0.08)
     lines = list(dict.fromkeys(zip(runs["selector"], runs["protected"].fillna(""))))
     cmap = colors(dict.fromkeys(s for s, _ in lines))
-    n_gaps = 0
+    log = log_y and value in ("ppl", "ppl_ratio", "kl")
+    level = _ceiling(df[value], log)
+    n_broken = 0
     for j, mode in enumerate(modes, 1):
         sub = runs[runs["mode"] == mode]
         for sel, prot in lines:
@@ -478,34 +609,27 @@ def pruning_curves(df: pd.DataFrame, value: str = "ppl", log_y: bool = True) -> 
                 continue
             name = sel + (f" ({prot} protected)" if prot else "")
             x = ([0.0] if y0 is not None else []) + list(d["sparsity"])
-            y = _finite(([y0] if y0 is not None else []) + list(d[value]))
-            n_gaps += sum(v is None for v in y)
+            values = ([y0] if y0 is not None else []) + list(d[value])
+            y, broken = _at_level(values, level)
+            n_broken += sum(broken)
             line = dict(dash="dash") if prot else _line(sel)
             extra = np.stack([np.r_[[1.0], d["ppl_ratio"]] if y0 is not None else d["ppl_ratio"],
-                              np.r_[[0.0], d["kl"]] if y0 is not None else d["kl"]], axis=1)
+                              np.r_[[0.0], d["kl"]] if y0 is not None else d["kl"],
+                              [_shown(v, 5) for v in values]], axis=1)
             fig.add_trace(go.Scatter(
-                x=x, y=y, mode="lines+markers", name=name, legendgroup=name, showlegend=j == 1,
-                line=dict(color=cmap[sel], **line), customdata=extra,
-                hovertemplate=(f"<b>{name}</b> {mode}<br>sparsity %{{x:.0%}}<br>{value}: %{{y:.5g}}"
+                x=x, y=y, mode="lines+markers+text", name=name, legendgroup=name, showlegend=j == 1,
+                line=dict(color=cmap[sel], **line), customdata=extra, **_broken_marks(broken),
+                hovertemplate=(f"<b>{name}</b> {mode}<br>sparsity %{{x:.0%}}<br>{value}: %{{customdata[2]}}"
                                "<br>ppl ratio: %{customdata[0]:.4g}, KL: %{customdata[1]:.3g}<extra></extra>")),
                 row=1, col=j)
     fig.update_xaxes(title="sparsity (share of Linear weights zeroed)", tickformat=".0%")
-    if log_y and value in ("ppl", "ppl_ratio", "kl"):
+    if log:
         fig.update_yaxes(type="log")
     fig.update_yaxes(title={"ppl": "held-out perplexity", "ppl_ratio": "perplexity ratio"}.get(value, value),
                      row=1, col=1)
     fig.update_layout(title=f"Pruning the lowest-scored weights: {value} vs sparsity", height=460)
-    if n_gaps:
-        fig.add_annotation(text=f"{n_gaps} point(s) with NaN/inf {value} not drawn", xref="paper", yref="paper",
-                           x=0, y=-0.25, showarrow=False, font=dict(size=11))
+    _note_broken(fig, n_broken, value)
     return fig
-
-
-def _ceiling(values) -> float:
-    """A log-axis height above every finite value, where flips that broke the model are drawn."""
-    finite = [v for v in _finite(values) if v is not None and v > 0]
-    top = max(finite + [1.0])
-    return 10.0 ** (math.ceil(math.log10(top)) + 1)
 
 
 def bitflip_damage(single: pd.DataFrame) -> go.Figure:
@@ -539,7 +663,8 @@ def bitflip_damage(single: pd.DataFrame) -> go.Figure:
 def flips_to_break_bars(breaks: pd.DataFrame) -> go.Figure:
     """Flips it takes to break the model (ppl ≥ factor × base): each selector's single flips applied in damage
     order, against random weights at random bit positions (bar: median over draws, points: each draw).
-    A run still unbroken after all its flips is drawn at that count, hatched and labelled '> n'."""
+    A run still unbroken after all its flips is drawn at that count, hatched and labelled '> n'. The log axis
+    starts at 0.5, so a bar of one flip is as visible as the others."""
     fig = go.Figure()
     damage = breaks[breaks["order"] == "damage"]
     rnd = breaks[breaks["order"] != "damage"]
@@ -578,7 +703,10 @@ def flips_to_break_bars(breaks: pd.DataFrame) -> go.Figure:
                                  customdata=np.stack([rnd["draw"], [t for _, t in hs]], axis=1),
                                  hovertemplate="draw %{customdata[0]}: %{customdata[1]} flips<extra></extra>"))
     factor = breaks["factor"].iloc[0] if len(breaks) else float("nan")
-    fig.update_yaxes(type="log", title="bit flips until ppl ≥ factor × base")
+    heights = [float(v) for t in fig.data for v in t.y if v is not None and math.isfinite(float(v))]
+    top = max(heights + [1.0])
+    fig.update_yaxes(type="log", title="bit flips until ppl ≥ factor × base",
+                     range=[math.log10(0.5), math.log10(top) + 0.3])  # log10 units; room for the labels
     fig.update_layout(title=f"Flips to break the model (ppl ≥ {factor:g}× base): critical weights vs random",
                       height=460, showlegend=True)
     return fig

@@ -4,19 +4,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
-import torch
 
 from critlib import tables, viz
-from critlib.sensitivity import analyze
-from tests.conftest import tiny
-
-
-@pytest.fixture(scope="module")
-def sens():
-    gen = torch.Generator().manual_seed(3)
-    windows = torch.randint(0, 96, (4, 12), generator=gen)
-    return analyze(tiny("tiny-qwen2"), windows, ["grad_x_weight", "magnitude", "wanda"], topk_global=40,
-                   topk_per_layer=5, batch_size=2, progress=False)
 
 
 def test_figures_are_figures(sens):
@@ -176,7 +165,7 @@ def test_pruning_curves_start_at_the_unpruned_model(applications):
     assert fig.layout.yaxis.type == "log"
 
 
-def test_pruning_curves_dash_protected_runs_and_skip_nonfinite():
+def test_pruning_curves_dash_protected_runs_and_mark_broken_points():
     rows = [dict(mode="none", sparsity=0.0, selector="none", kind="reference", protected="", ppl=10.0,
                  ppl_ratio=1.0, kl=0.0)]
     for prot, ppl in (("", 20.0), ("top5:m", float("inf"))):
@@ -185,8 +174,62 @@ def test_pruning_curves_dash_protected_runs_and_skip_nonfinite():
     fig = viz.pruning_curves(pd.DataFrame(rows))
     plain, prot = _trace(fig, "m"), _trace(fig, "m (top5:m protected)")
     assert list(plain.y) == [10.0, 20.0] and plain.line.dash is None
-    assert list(prot.y) == [10.0, None] and prot.line.dash == "dash"
-    assert "1 point(s) with NaN/inf" in fig.layout.annotations[-1].text
+    assert prot.y[0] == 10.0 and prot.y[1] >= 100.0 and prot.line.dash == "dash"  # drawn at the top
+    assert list(prot.text) == ["", "broken"] and list(prot.marker.symbol) == ["circle", "x"]
+    assert "inf (the model broke)" in prot.customdata[1][2]
+    assert "1 point(s)" in fig.layout.annotations[-1].text and "broken" in fig.layout.annotations[-1].text
+
+
+def _summary(selectors, methods=(("zero", None),), ks=(1, 10, 100), value=lambda s, k: 1.0 + k):
+    rows = []
+    for method, arg in methods:
+        for sel, draws in selectors:
+            for k in ks:
+                rows.append(dict(selector=sel, metric=sel.split(":")[-1] if ":" in sel else None, method=method,
+                                 method_arg=arg, k=k, ppl_ratio_mean=value(sel, k),
+                                 ppl_ratio_std=0.1 if draws > 1 else np.nan, kl_mean=value(sel, k) / 100,
+                                 kl_std=0.05 if draws > 1 else np.nan, n_changed_mean=k, n_draws=draws))
+    return pd.DataFrame(rows)
+
+
+def test_dose_response_marks_broken_points_at_the_top():
+    df = _summary([("top:m", 1), ("random", 3)],
+                  value=lambda s, k: float("inf") if (s, k) == ("top:m", 100) else float("nan") if k == 1000 else k)
+    fig = viz.dose_response(df)
+    line = _trace(fig, "top:m")
+    assert list(line.y[:2]) == [1, 10] and line.y[2] > 10 * 10 and list(line.text) == ["", "", "broken"]
+    assert line.marker.symbol[2] == "x"
+    assert "1 point(s)" in fig.layout.annotations[-1].text
+
+
+def test_dose_response_bands_stay_above_zero_on_log_axes():
+    # kl: mean 0.01 ± 0.05 at every k: mean − std < 0
+    fig = viz.dose_response(_summary([("random", 3)], value=lambda s, k: 1.0), "kl")
+    band = next(t for t in fig.data if t.fill == "toself")
+    assert min(band.y) > 0 and min(band.y) == pytest.approx(0.01 * 0.01 / 0.06)
+    lin = viz.dose_response(_summary([("random", 3)], value=lambda s, k: 1.0), "kl", log_y=False)
+    assert min(next(t for t in lin.data if t.fill == "toself").y) == pytest.approx(0.01 - 0.05)
+
+
+def test_selectors_have_distinct_fixed_colours_and_controls_stand_apart():
+    metrics = ["grad_x_weight", "grad_squared", "fisher", "magnitude", "wanda"]
+    sels = [f"top:{m}" for m in metrics] + [f"bottom:{m}" for m in metrics] + ["random", "magnitude"]
+    cmap = viz.colors(sels)
+    assert len({cmap[s] for s in sels if s != "magnitude"}) == 11  # all but the magnitude control differ
+    assert cmap["random"] == viz.RANDOM_COLOR and cmap["top:grad_x_weight"] != cmap["random"]
+    assert viz.colors(metrics)["fisher"] == cmap["top:fisher"] == viz.colors(["fisher"])["fisher"]  # every page
+    df = _summary([(s, 3 if s == "random" else 1) for s in sels], value=lambda s, k: k * (2.0 if s == "magnitude" else 1))
+    fig = viz.dose_response(df)
+    dash = {t.name: t.line.dash for t in fig.data if t.showlegend}
+    assert dash["random"] == "dot" and dash["magnitude control (exact top-|w|)"] == "dot"
+    assert dash["top:fisher"] is None and dash["bottom:fisher"] == "dash"
+    assert len(dash) == 12
+
+
+def test_magnitude_drawn_once_when_control_and_metric_agree():
+    df = _summary([("top:magnitude", 1), ("magnitude", 1), ("top:wanda", 1)])
+    names = [t.name for t in viz.dose_response(df).data]
+    assert names == ["top:magnitude = magnitude control", "top:wanda"]
 
 
 def test_bitflip_damage_draws_every_flip_and_marks_broken_ones(applications):
@@ -219,6 +262,7 @@ def test_flips_to_break_bars_median_of_draws_and_unbroken_runs():
     df = pd.DataFrame(rows)
     df["n_flips"] = df["n_flips"].astype("Int64")
     fig = viz.flips_to_break_bars(df)
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis.range[0] < 0  # a bar of 1 flip is visible
     bars, median, points = fig.data
     assert list(bars.x) == ["m", "magnitude", "all selectors"] and list(bars.y) == [2, 6, 1]
     assert list(bars.text) == ["2", "> 6", "1"] and list(bars.marker.pattern.shape) == ["", "/", ""]
