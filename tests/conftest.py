@@ -57,3 +57,13 @@ def tiny_report(tmp_path_factory):
         else:
             os.environ["OMP_NUM_THREADS"] = old
     return out
+
+
+@pytest.fixture(scope="module")
+def sens():
+    """Phase 1 of a tiny Qwen2 (grad_x_weight, magnitude, wanda; top-40), shared by the tables and figures tests."""
+    from critlib.sensitivity import analyze
+    gen = torch.Generator().manual_seed(3)
+    windows = torch.randint(0, 96, (4, 12), generator=gen)
+    return analyze(tiny("tiny-qwen2"), windows, ["grad_x_weight", "magnitude", "wanda"], topk_global=40,
+                   topk_per_layer=5, batch_size=2, progress=False)

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from critlib import tables
-from critlib.sensitivity import analyze
 from critlib.stats import Stats
 from tests.conftest import tiny
 
@@ -61,14 +60,6 @@ def test_ccdf_is_exact_at_its_points():
     assert np.all(np.diff(df["p"]) < 0)
     thin = tables.ccdf(_counts(x), max_points=50)
     assert len(thin) == 50 and thin["x"].iloc[0] == df["x"].iloc[0] and thin["x"].iloc[-1] == df["x"].iloc[-1]
-
-
-@pytest.fixture(scope="module")
-def sens():
-    gen = torch.Generator().manual_seed(3)
-    windows = torch.randint(0, 96, (4, 12), generator=gen)
-    return analyze(tiny("tiny-qwen2"), windows, ["grad_x_weight", "magnitude", "wanda"], topk_global=40,
-                   topk_per_layer=5, batch_size=2, progress=False)
 
 
 def test_sensitivity_hist_and_cells_cover_every_weight(sens):
