@@ -48,9 +48,11 @@ def test_tables_manifest_and_headline_name_the_window_set(phase3):
     for sel in ("top:grad_x_weight", "top:magnitude", "random", "magnitude"):
         r = at.loc[sel]
         text = h[f"ppl ratio, zero top-5 of {sel}"]
-        assert text.startswith(f"{r.ppl_ratio_mean:.4g} [{r.ppl_ratio_lo:.4g}, {r.ppl_ratio_hi:.4g}]"), text
+        assert text.startswith(f"{r.ppl_ratio_mean:#.4g} [{r.ppl_ratio_lo:#.4g}, {r.ppl_ratio_hi:#.4g}]"), text
         assert "2×12 held-out windows" in text
         assert ("t over 2 draws" if sel == "random" else "bootstrap over windows") in text
+    assert perturbation.interval_text(1.0, 1.0, 1.0) == "1.000 [1.000, 1.000]"
+    assert perturbation.interval_text(float("nan"), 1.0, 2.0) == "broken (ppl NaN/inf)"
 
 
 def test_the_store_is_read_back_with_the_same_numbers(phase3, monkeypatch):

@@ -70,10 +70,11 @@ def describe_windows(ctx: Context, baseline: dict) -> dict:
 
 
 def interval_text(value: float, lo: float, hi: float) -> str:
-    """`1.23 [1.10, 1.41]`; a non-finite value reads `broken (ppl NaN/inf)`."""
+    """`1.230 [1.100, 1.410]` (4 significant digits, trailing zeros kept); a non-finite value reads
+    `broken (ppl NaN/inf)`, a missing interval (one draw) none."""
     if not math.isfinite(value):
         return "broken (ppl NaN/inf)"
-    return f"{value:.4g} [{lo:.4g}, {hi:.4g}]" if not (math.isnan(lo) and math.isnan(hi)) else f"{value:.4g}"
+    return f"{value:#.4g} [{lo:#.4g}, {hi:#.4g}]" if not (math.isnan(lo) and math.isnan(hi)) else f"{value:#.4g}"
 
 
 def headline(summary: pd.DataFrame, baseline: dict | None = None,
