@@ -43,6 +43,10 @@ TEMPLATE = r"""{%- extends 'lab/index.html.j2' -%}
 details.critlib-code > summary { cursor: pointer; color: #777; font-size: 12px; margin: 2px 0 2px 70px; }
 details.critlib-code[open] > summary { margin-bottom: 4px; }
 .critlib-nav { font: 14px sans-serif; margin: 8px 0 16px 70px; }
+/* a table wider than the page scrolls sideways inside its output, with a scrollbar that stays visible */
+.jp-OutputArea-output.jp-RenderedHTMLCommon { overflow-x: auto; max-width: 100%; }
+.jp-OutputArea-output.jp-RenderedHTMLCommon::-webkit-scrollbar { height: 10px; }
+.jp-OutputArea-output.jp-RenderedHTMLCommon::-webkit-scrollbar-thumb { background: #bbb; border-radius: 5px; }
 </style>
 <script type="text/javascript">window.PlotlyConfig = {MathJaxConfig: 'local'};</script>
 <script type="text/javascript">{{ resources.critlib_plotlyjs }}</script>

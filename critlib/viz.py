@@ -49,9 +49,18 @@ class _Renderer(pio.base_renderers.MimetypeRenderer):
         return bundle
 
 
+TABLE_ROWS = 2000  # a DataFrame up to this long is shown whole (pandas cuts longer ones to `display.min_rows`)
+
+
 def setup() -> None:
     """Make `fig.show()` / a figure as a cell's value render with the critlib renderer; Plotly's own renderers
-    (`fig.show(renderer="browser")`, ...) get the same config."""
+    (`fig.show(renderer="browser")`, ...) get the same config. Tables are shown whole: every column, and up to
+    TABLE_ROWS rows (pandas' default cuts a table of more than 60 rows to 10), floats to 5 significant digits
+    (narrow columns: `5.3697e-07`, not `5.369673e-07` over two lines)."""
+    pd.set_option("display.max_rows", TABLE_ROWS)
+    pd.set_option("display.min_rows", 100)
+    pd.set_option("display.max_columns", None)
+    pd.set_option("display.float_format", "{:.5g}".format)
     for name in pio.renderers:
         r = pio.renderers[name]
         if isinstance(getattr(r, "config", None), dict):

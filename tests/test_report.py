@@ -90,6 +90,26 @@ def test_no_page_offers_a_cloud_upload(tiny_report):
     assert_no_cloud_upload((tiny_report / "index.html").read_text())
 
 
+def test_tables_are_whole_and_scroll_sideways(tiny_report):
+    """No table in the pages is cut by pandas (a `...` row or column); Phase 3's "At the largest K" holds
+    every selector and method; a wide table scrolls inside its output."""
+    for p in PHASES:
+        nb = nbformat.read(tiny_report / f"{p.key}.ipynb", as_version=4)
+        tables = [o["data"]["text/html"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                  if 'class="dataframe"' in o.get("data", {}).get("text/html", "")]
+        for t in tables:
+            assert "<td>...</td>" not in t and "<th>...</th>" not in t, f"{p.key}: a table cut by pandas"
+        page = (tiny_report / f"{p.key}.html").read_text()
+        assert ".jp-OutputArea-output.jp-RenderedHTMLCommon { overflow-x: auto;" in page
+    summ = pd.read_parquet(tiny_report / "perturbation_summary.parquet")
+    n = int((summ["k"] == summ["k"].max()).sum())
+    nb = nbformat.read(tiny_report / "03_perturbation.ipynb", as_version=4)
+    at = next(i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and "At the largest K" in c.source)
+    cell = next(c for c in nb.cells[at:] if c.cell_type == "code")
+    largest = [o["data"]["text/html"] for o in cell.outputs if "text/html" in o.get("data", {})]
+    assert len(largest) == 1 and n > 10 and largest[0].count("<tr") == n + 1
+
+
 def test_headlines_match_the_files(tiny_report):
     h = {k: {i["label"]: i["value"] for i in v} for k, v in read_headlines(tiny_report).items()}
     stats = json.loads((tiny_report / "sensitivity_stats.json").read_text())

@@ -102,6 +102,21 @@ def test_figures_offer_no_cloud_upload():
     assert pio.renderers["notebook"].config["showSendToCloud"] is False  # fig.show(renderer=...) too
 
 
+def test_setup_shows_tables_whole():
+    keys = ("display.max_rows", "display.min_rows", "display.max_columns", "display.float_format")
+    old = {k: pd.get_option(k) for k in keys}
+    try:
+        viz.setup()
+        long = pd.DataFrame({"selector": [f"s{i}" for i in range(72)], "k": range(72)})  # 12 selectors x 6 methods
+        wide = pd.DataFrame([np.arange(30)], columns=[f"rank_metric_{i}" for i in range(30)])
+        assert long._repr_html_().count("<tr") == 72 + 1 and "..." not in long._repr_html_()
+        assert all(f"rank_metric_{i}<" in wide._repr_html_() for i in range(30))
+        assert ">5.3697e-07<" in pd.DataFrame({"x": [5.369673e-07]})._repr_html_()
+    finally:
+        for k, v in old.items():
+            pd.set_option(k, v)
+
+
 def test_renderer_bundle_has_plotly_mimetype_and_html_without_plotlyjs():
     viz.setup()
     import plotly.io as pio
