@@ -69,7 +69,7 @@ class Params:
                                                                 "bitflip:exponent"])
     n_random_draws: int = 3
     # Phase 2 stability (critlib.agreement): other window seeds and a second corpus ("" = skip) to compare with
-    stability_seeds: list[int] = field(default_factory=lambda: [1])
+    stability_seeds: list[int] = field(default_factory=lambda: [1, 2])  # with the run's seed: 3 for the claims
     stability_data: str = "alt"
     # Phase 3 report: held-out windows the dose-response evaluates on (0 = all n_heldout), for time budgets;
     # a value above n_heldout is lowered to n_heldout (all of them), so it never stops the other phases

@@ -15,7 +15,7 @@ from critlib.run.context import check_output_dir, prepare, staged
 SETS = ["model=tiny-llama", "data=random", "seq_len=12", "n_sequences=2", "n_heldout=2", "batch_size=2",
         "device=cpu", "metrics=[grad_x_weight, magnitude]", "topk_per_layer=5", "topk_global=20",
         "perturb_ks=[1]", "quant_group_size=16", "quant_keep_percents=[0, 1]", "prune_sparsities=[0.5]",
-        "bitflip_top_n=1", "bitflip_bits=[sign]", "bitflip_cap=4", "bitflip_draws=1"]
+        "bitflip_top_n=1", "bitflip_bits=[sign]", "bitflip_cap=4", "bitflip_draws=1", "stability_data=random"]
 PHASE1_FILES = {"top_weights.parquet", "top_weights.csv", "sensitivity_stats.json", "layer_component.parquet",
                 "layer_component.csv", "score_histogram.parquet", "score_histogram.csv", "manifest.json",
                 "headlines/01_sensitivity.json", "cache/phase1.pt"}
@@ -150,3 +150,19 @@ def test_fingerprint_checks_its_output_and_verify_its_dtype(tmp_path, capsys):
     capsys.readouterr()
     assert main(["verify", "tiny-llama", str(tmp_path / "fp.json"), "--set", "dtype=bf16"]) == 2
     assert "drop --set dtype=bf16" in capsys.readouterr().err
+
+
+def test_phase2_writes_the_claims_over_every_seed(tmp_path, ctx):
+    from critlib.run import cross_metric
+    p1 = sensitivity.results(ctx, tmp_path, progress=False)
+    r2 = cross_metric.run(ctx, p1, tmp_path, progress=False)
+    seeds = 1 + len([s for s in ctx.params.stability_seeds if s != ctx.params.seed])
+    claims = r2["claims"]
+    assert (tmp_path / "claims.csv").is_file()
+    gxw = claims[claims["claim"].str.startswith("gxw_") | claims["claim"].str.startswith("top1000_layer")]
+    assert set(gxw["n_seeds"]) == {seeds}  # grad² claims: no values, the run has no grad_squared
+    assert set(claims[claims["claim"] == "top1000_jaccard"]["n_seeds"]) == {0}
+    assert set(claims["verdict"]) <= {"other model", "not measured by the study"}
+    heads = json.loads((tmp_path / "headlines" / "02_cross_metric.json").read_text())["items"]
+    assert any("study claims re-tested over" in h["label"] for h in heads)
+    assert all("magnitude" not in h["label"] for h in heads)

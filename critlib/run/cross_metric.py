@@ -1,14 +1,17 @@
-"""Phase 2 in a run: metric-vs-metric agreement of the global top-K, and each metric's top-K stability
-across window seeds (`stability_seeds`) and corpora (`stability_data`), each compared with Phase 1."""
+"""Phase 2 in a run: metric-vs-metric agreement of the global top-K, each metric's top-K stability across
+window seeds (`stability_seeds`) and corpora (`stability_data`), each compared with Phase 1, and the published
+study's claims re-tested over Phase 1 and the other seeds (critlib.claims)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..agreement import cross_table, stability_table, top_sets, topk_sets, with_baseline
+from ..agreement import cross_table, stability_table, top_sets, with_baseline
+from ..claims import GXW, claims_table, is_study_family
 from ..data import load_windows
 from ..io import write_json, write_table
 from ..models import DTYPES
+from ..sensitivity import analyze
 from .context import Context, manifest
 from .headlines import write_headline
 
@@ -27,25 +30,41 @@ def run(ctx: Context, p1, outdir: str | Path, progress: bool = True) -> dict:
     others = [(f"{p.data} seed {s}", p.data, s, "seed") for s in p.stability_seeds if s != p.seed]
     if p.stability_data and p.stability_data != p.data:
         others.append((f"{p.stability_data} seed {p.seed}", p.stability_data, p.seed, "corpus"))
+    seeds = [p1.sens]
     for name, data, seed, kind in others:
         with ctx.timer.stage(f"stability {name}"):
             w = load_windows(data, ctx.loaded.tokenizer, p.seq_len, p.n_sequences, 0, p.prepend_bos, seed,
                              p.text_field, vocab_size=vocab)
-            runs[name] = topk_sets(ctx.model, w.score, p.metrics, k, p.batch_size, p.chunk_size,
-                                   DTYPES[p.fisher_dtype], progress, desc=name)
+            # one pass: exact rankings, statistics within their stated bound (the claims' other seeds)
+            other = analyze(ctx.model, w.score, p.metrics, k, p.topk_per_layer, p.batch_size, False,
+                            p.chunk_size, DTYPES[p.fisher_dtype], progress, kernel=p.kernel)
+            runs[name] = top_sets(other, k)
             kinds[name] = kind
+            if kind == "seed":
+                seeds.append(other)
     stab = stability_table(runs, base, kinds)
     table = with_baseline(cross_table(p1.sens, k), stab)
     write_table(outdir / "cross_metric", table)
     write_table(outdir / "stability", stab)
+    claims = None
+    if GXW in p.metrics:
+        claims = claims_table(seeds, is_study_family(ctx.loaded.info, p.model), k)
+        write_table(outdir / "claims", claims)
     write_json(outdir / f"manifest_{KEY}.json", manifest(ctx, {"phase": KEY, "runs": list(runs),
+                                                               "claims_seeds": [p.seed] + [s for _, _, s, kind in
+                                                                                           others if kind == "seed"],
                                                                "phase1_from_cache": p1.from_cache}))
     items = []
     if len(table):
         items.append((f"mean Jaccard between metrics (top-{k})", round(float(table["jaccard"].mean()), 4)))
-    for kind in ("seed", "corpus"):
-        sub = stab[(stab["comparison"] == kind) & (stab["run_a"] == base)]
+    for kind in ("seed", "corpus"):  # magnitude is data-free: stable by construction, left out of the mean
+        sub = stab[(stab["comparison"] == kind) & (stab["run_a"] == base) & (stab["metric"] != "magnitude")]
         if len(sub):
-            items.append((f"mean Jaccard of a metric with itself, other {kind}", round(float(sub["jaccard"].mean()), 4)))
+            items.append((f"mean Jaccard of a data-dependent metric with itself, other {kind}",
+                          round(float(sub["jaccard"].mean()), 4)))
+    if claims is not None:
+        measured = claims[claims["study"].notna()]
+        items.append((f"study claims re-tested over {len(seeds)} data seeds",
+                      ", ".join(f"{v}: {n}" for v, n in measured["verdict"].value_counts().items())))
     write_headline(outdir, KEY, items)
-    return {"cross": table, "stability": stab, "runs": runs, "base": base}
+    return {"cross": table, "stability": stab, "runs": runs, "base": base, "claims": claims}
