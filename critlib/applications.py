@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import CritlibError
-from .bitflip import Evaluator, flips_to_break, random_flips, ranked, single_flips
+from .bitflip import EFFECT_KEYS, Evaluator, flips_to_break, random_flips, ranked, single_flips
 from .models import DTYPES
 from .prune import linear_scores, prune_masks, pruned, random_scores
 from .quantize import (OUTLIER_BYTES, QuantConfig, budget, keep_sets, kept_originals, linear_weights,
@@ -66,7 +66,8 @@ def _kind(selector: str) -> str:
 
 
 def _point(res: dict) -> dict:
-    return {k: res[k] for k in ("ppl", "ppl_ratio", "kl", "nll", "accuracy")}
+    """A measured point's columns: ppl, nll, accuracy, each effect with its interval, the window set."""
+    return {k: res[k] for k in ("ppl", "nll", "accuracy", *EFFECT_KEYS, "window_set")}
 
 
 def _selector_scores(model, windows, cfg: ApplicationsConfig, selector: str, weights,
@@ -186,11 +187,12 @@ def _global_top(model, windows, cfg: ApplicationsConfig, sens, metric: str, n: i
     return global_topk(model, windows.score, [metric], n, cfg.batch_size, DTYPES[cfg.fisher_dtype])[metric]
 
 
-def bitflip_points(model, windows, cfg: ApplicationsConfig, sens, progress: bool = True) -> dict[str, pd.DataFrame]:
+def bitflip_points(model, windows, cfg: ApplicationsConfig, sens, progress: bool = True,
+                   store=None) -> dict[str, pd.DataFrame]:
     """Single-flip damage table, its ranking, and flips-to-break per selector (damage order) and for random
     flips (random weights, random bit positions, `bitflip_draws` draws, at most `bitflip_cap` flips)."""
     p = cfg
-    ev = Evaluator(model, windows.heldout[: p.bitflip_eval_windows], p.batch_size)
+    ev = Evaluator(model, windows.heldout[: p.bitflip_eval_windows], p.batch_size, store)
     cands = []
     for sel in selectors(p.metrics):
         if sel == "random":
@@ -231,19 +233,20 @@ def random_flip_weights(model, n: int, seed: int) -> list[tuple[str, int]]:
 
 def run_applications(model, windows, cfg: ApplicationsConfig, sens=None, progress: bool = True,
                      which: tuple[str, ...] = APPLICATIONS, superweights: list[tuple[str, int, int]] | None = None,
-                     timer=None) -> dict[str, pd.DataFrame]:
+                     timer=None, store=None) -> dict[str, pd.DataFrame]:
     """Every application experiment on `model` and `windows` (`.score` to rank, `.heldout` to evaluate) -> tidy
     tables: `quantization`, `pruning`, `bitflip_single`, `bitflip_ranked`, `bitflip_break`. `sens` (Phase 1)
     supplies the top-N weights for the bit flips and the protected sets (rescored when missing);
     `superweights` ((param, row, col)) adds super-weight-aware quantization points; `timer` (a
-    `critlib.manifest.Timer`) times each part."""
+    `critlib.manifest.Timer`) times each part; `store` (critlib.effects.Evaluations) shares evaluations with
+    other experiments on the same model."""
     unknown = set(which) - set(APPLICATIONS)
     if unknown:
         raise CritlibError(f"unknown application(s) {', '.join(sorted(unknown))}; choose {', '.join(APPLICATIONS)}")
     stage = timer.stage if timer is not None else lambda name: nullcontext()
     out: dict[str, pd.DataFrame] = {}
     if "quantize" in which or "prune" in which:
-        ev = Evaluator(model, windows.heldout, cfg.batch_size)
+        ev = Evaluator(model, windows.heldout, cfg.batch_size, store)
         with stage("applications_scores_prune"):
             keeps, prune_df = score_and_prune(model, windows, cfg, sens, ev, "quantize" in which, "prune" in which,
                                               progress)
@@ -255,5 +258,5 @@ def run_applications(model, windows, cfg: ApplicationsConfig, sens=None, progres
         del ev
     if "bitflip" in which:
         with stage("applications_bitflip"):
-            out.update(bitflip_points(model, windows, cfg, sens, progress))
+            out.update(bitflip_points(model, windows, cfg, sens, progress, store))
     return out

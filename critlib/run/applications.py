@@ -13,7 +13,7 @@ from .. import CritlibError
 from ..applications import APPLICATIONS, ApplicationsConfig, run_applications
 from ..io import write_json, write_table
 from ..quantize import linear_weights
-from . import super_weights
+from . import cache, super_weights
 from .context import Context, config_from, manifest
 from .headlines import write_headline
 
@@ -39,8 +39,10 @@ def run(ctx: Context, p1, outdir: str | Path, progress: bool = True, which: tupl
         sw = [c for c in super_weights.coordinates(found) if c[0] in names]
     ctx = ctx.with_heldout(ctx.params.applications_heldout)
     sens = p1.sens if p1 is not None else None
+    store = cache.evaluations(ctx, outdir)
     tables = run_applications(ctx.model, ctx.windows, config_from(ApplicationsConfig, ctx.params), sens, progress,
-                              which, sw or None, ctx.timer)
+                              which, sw or None, ctx.timer, store)
+    cache.save_evaluations(ctx, outdir, store)
     for name in (t for w in which for t in TABLES[w]):
         write_table(outdir / name, tables[name])
     prot = protect_critical(ctx, p1, outdir) if p1 is not None and set(which) == set(APPLICATIONS) else None
