@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import CritlibError
+from ..distributed import active as dist_active
 from ..distributed import is_main
 from ..params import Params, load_params
 from . import applications as phase6
@@ -20,11 +21,12 @@ def score(params: Params, outdir: str | Path | None = None, progress: bool = Tru
     """`critlib score`: Phase 1 -> the files notebook 01 writes."""
     outdir = check_output_dir(outdir or params.output_dir)
     ctx = prepare(params)
-    if not is_main():  # data-parallel ranks compute with rank 0, which alone writes
-        phase1.compute(ctx, progress=False)
+    parallel = dist_active()  # every rank takes part in scoring, so none may skip it on a cache hit
+    if not is_main():
+        phase1.results(ctx, None, progress=False, use_cache=False)
         return outdir
     with staged(outdir) as stage:
-        phase1.run(ctx, stage, progress)
+        phase1.run(ctx, stage, progress, use_cache=not parallel)
     return outdir
 
 

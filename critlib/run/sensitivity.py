@@ -55,15 +55,18 @@ def cache_key(ctx: Context) -> str:
     return cache.key(ctx, PARAM_KEYS, CODE, bottomk=perturbation.bottom_k_needed(ctx.params))
 
 
-def results(ctx: Context, outdir: str | Path, progress: bool = True) -> Phase1:
-    """Phase 1 from the run's cache when its key matches, else computed and cached under `outdir`."""
-    path = cache.path(outdir, CACHE)
-    key = cache_key(ctx)
-    try:
-        sens, extra = Sensitivity.load(path)
-        hit = extra.get("key") == key
-    except Exception:  # a missing, truncated, old-format or tampered cache is simply recomputed
-        hit = False
+def results(ctx: Context, outdir: str | Path | None, progress: bool = True, use_cache: bool = True) -> Phase1:
+    """Phase 1 from the run's cache when its key matches, else computed and cached under `outdir`. Without
+    `use_cache` (data-parallel ranks, which must all take part in computing) it is always computed."""
+    hit = False
+    if use_cache:
+        path = cache.path(outdir, CACHE)
+        key = cache_key(ctx)
+        try:
+            sens, extra = Sensitivity.load(path)
+            hit = extra.get("key") == key
+        except Exception:  # a missing, truncated, old-format or tampered cache is simply recomputed
+            hit = False
     if hit:
         heldout = extra.get("heldout", {})
     else:
@@ -71,18 +74,19 @@ def results(ctx: Context, outdir: str | Path, progress: bool = True) -> Phase1:
         if not is_main():  # data-parallel ranks all hold the same result: rank 0 evaluates and writes
             return Phase1(sens, pd.DataFrame(), {})
         heldout = heldout_baseline(ctx)
-        sens.save(path, {"key": key, "heldout": heldout})
+        if use_cache:
+            sens.save(path, {"key": key, "heldout": heldout})
     with ctx.timer.stage("tables"):
         table = top_weights_table(sens, ctx.model, ctx.loaded.tokenizer)
     return Phase1(sens, table, heldout, from_cache=hit)
 
 
-def run(ctx: Context, outdir: str | Path, progress: bool = True) -> Phase1:
+def run(ctx: Context, outdir: str | Path, progress: bool = True, use_cache: bool = True) -> Phase1:
     """Phase 1 -> `top_weights`, `sensitivity_stats.json`, `layer_component`, `score_histogram`, the manifest
     and the headline numbers."""
     from ..tables import cells_frame, histogram_frame
     outdir = Path(outdir)
-    p1 = results(ctx, outdir, progress)
+    p1 = results(ctx, outdir, progress, use_cache)
     if not is_main():
         return p1
     sens = p1.sens
