@@ -1,6 +1,6 @@
 """Freeze masks: keep chosen (critical) weights bit-identical while the rest of the model is fine-tuned.
 
-Masks are one bool tensor per parameter name (True = frozen), stored as safetensors. `freeze_weights`
+Masks are one bool tensor per parameter name (True = frozen), stored sparsely as safetensors (indices). `freeze_weights`
 zeroes the masked gradient entries with a gradient hook, and — because optimizers still move weights whose
 gradient is 0 (AdamW's decoupled weight decay; momentum left over from earlier steps) — it also writes the
 saved values back after every `optimizer.step()` through an optimizer step post-hook. Without an optimizer
@@ -36,30 +36,51 @@ def masks_from_coords(model: torch.nn.Module, coords: list[tuple]) -> dict[str, 
     return masks
 
 
+FORMAT = "critlib-freeze-masks-sparse"
+
+
 def save_masks(masks: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write masks as a safetensors file (one bool tensor per parameter name), atomically."""
+    """Write masks as a safetensors file, atomically and sparsely: per parameter name the int64 flat indices
+    of its frozen weights, with every mask's shape in the metadata (a few KB for thousands of weights, where
+    dense bool masks of a 135M-weight model take 100 MB)."""
+    import json
+
     from safetensors.torch import save_file
     for name, m in masks.items():
         if m.dtype != torch.bool:
             raise CritlibError(f"mask of {name} is {m.dtype}; masks must be bool tensors")
+    indices = {n: m.reshape(-1).nonzero().reshape(-1).to(torch.int64).cpu().contiguous() for n, m in masks.items()}
+    shapes = json.dumps({n: list(m.shape) for n, m in masks.items()})
     with atomic_path(path) as tmp:
-        save_file({n: m.contiguous().cpu() for n, m in masks.items()}, str(tmp),
-                  metadata={k: str(v) for k, v in (metadata or {}).items()} | {"format": "critlib-freeze-masks"})
+        save_file(indices, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()}
+                  | {"format": FORMAT, "shapes": shapes})
 
 
 def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """Bool masks from `save_masks`'s sparse file (or an older dense one)."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
     path = Path(path)
     if not path.is_file():
         raise CritlibError(f"mask file {path} does not exist; check the path")
     try:
-        masks = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            stored = {n: f.get_tensor(n) for n in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise CritlibError(f"mask file {path} is not a readable safetensors file ({e})") from None
-    bad = [n for n, m in masks.items() if m.dtype != torch.bool]
-    if bad:
-        raise CritlibError(f"mask file {path} holds non-bool tensors ({', '.join(bad)}); it is not a freeze mask")
+    if meta.get("format") != FORMAT:  # dense bool masks, as written before
+        bad = [n for n, m in stored.items() if m.dtype != torch.bool]
+        if bad:
+            raise CritlibError(f"mask file {path} holds non-bool tensors ({', '.join(bad)}); it is not a freeze mask")
+        return stored
+    shapes = json.loads(meta["shapes"])
+    masks = {}
+    for name, idx in stored.items():
+        m = torch.zeros(shapes[name], dtype=torch.bool)
+        m.view(-1)[idx] = True
+        masks[name] = m
     return masks
 
 

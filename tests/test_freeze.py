@@ -1,6 +1,6 @@
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from critlib import CritlibError
 from critlib.freeze import freeze_weights, load_masks, masks_from_coords, save_masks
@@ -27,9 +27,14 @@ def test_masks_roundtrip_through_safetensors(tmp_path):
     assert sum(int(x.sum()) for x in masks.values()) == len(c)
     assert all(masks[n].reshape(-1)[f] for n, f in c)
     save_masks(masks, tmp_path / "m.safetensors", {"metric": "magnitude"})
-    raw = load_file(str(tmp_path / "m.safetensors"))
-    assert set(raw) == set(masks) and all(torch.equal(raw[n], masks[n]) for n in masks)
-    assert all(torch.equal(load_masks(tmp_path / "m.safetensors")[n], masks[n]) for n in masks)
+    raw = load_file(str(tmp_path / "m.safetensors"))  # sparse: each mask's flat indices
+    assert set(raw) == set(masks) and all(raw[n].tolist() == masks[n].reshape(-1).nonzero().reshape(-1).tolist()
+                                          for n in masks)
+    assert sum(v.numel() for v in raw.values()) == len(c)
+    back = load_masks(tmp_path / "m.safetensors")
+    assert set(back) == set(masks) and all(torch.equal(back[n], masks[n]) for n in masks)
+    save_file({n: v.contiguous() for n, v in masks.items()}, str(tmp_path / "dense.safetensors"))  # older files
+    assert all(torch.equal(load_masks(tmp_path / "dense.safetensors")[n], masks[n]) for n in masks)
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CritlibError):
         load_masks(tmp_path / "bad.safetensors")
