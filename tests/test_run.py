@@ -18,7 +18,7 @@ SETS = ["model=tiny-llama", "data=random", "seq_len=12", "n_sequences=2", "n_hel
         "bitflip_top_n=1", "bitflip_bits=[sign]", "bitflip_cap=4", "bitflip_draws=1", "stability_data=random"]
 PHASE1_FILES = {"top_weights.parquet", "top_weights.csv", "sensitivity_stats.json", "layer_component.parquet",
                 "layer_component.csv", "score_histogram.parquet", "score_histogram.csv", "manifest.json",
-                "headlines/01_sensitivity.json", "cache/phase1.pt"}
+                "headlines/01_sensitivity.json"}
 
 
 def _cli(*argv, sets=SETS):
@@ -38,7 +38,8 @@ def test_score_writes_what_notebook_01_writes(tmp_path, ctx):
     assert _cli("score", "-o", str(tmp_path / "cli")) == 0
     sensitivity.run(ctx, tmp_path / "nb", progress=False)  # the notebook's call
     cli, nb = _files(tmp_path / "cli"), _files(tmp_path / "nb")
-    assert set(cli) == set(nb) == PHASE1_FILES
+    assert set(cli) == set(nb) == PHASE1_FILES  # the cache lies beside the folder a user shares
+    assert (tmp_path / ".cli.cache" / "phase1.pt").is_file() and (tmp_path / ".nb.cache" / "phase1.pt").is_file()
     for f in ("top_weights.csv", "sensitivity_stats.json", "layer_component.csv", "score_histogram.csv"):
         assert cli[f] == nb[f], f
 
@@ -58,7 +59,7 @@ def test_a_failure_between_two_writes_keeps_the_previous_set(tmp_path, monkeypat
     monkeypatch.setattr(phase1, "write_json", failing)
     assert _cli("score", "-o", str(out), sets=SETS + ["seed=1"]) == 130
     assert _files(out) == before
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.cache", "out"]  # no staging folder left
 
 
 @pytest.mark.parametrize("where", ["a_file", "a_file/under", "missing/../a_file"])
@@ -120,8 +121,8 @@ def test_applications_verb_writes_what_notebook_06_writes(tmp_path, ctx):
     cli, nb = _files(tmp_path / "cli"), _files(tmp_path / "nb")
     assert set(cli) == set(nb)
     assert {"quantization.csv", "pruning.csv", "bitflip_break.csv", "critical_fingerprint.json",
-            "freeze_masks.safetensors", "manifest_06_applications.json", "headlines/06_applications.json",
-            "cache/phase1.pt", "cache/phase4.json"} <= set(cli)
+            "freeze_masks.safetensors", "manifest_06_applications.json", "headlines/06_applications.json"} <= set(cli)
+    assert {"phase1.pt", "phase4.json", "evaluations.json"} <= set(_files(tmp_path / ".cli.cache"))
     for f in ("quantization.csv", "pruning.csv", "bitflip_single.csv", "critical_fingerprint.json"):
         assert cli[f] == nb[f], f
 
@@ -130,7 +131,7 @@ def test_one_experiment_verb_writes_its_own_tables(tmp_path):
     assert _cli("prune", "-o", str(tmp_path)) == 0
     written = set(_files(tmp_path))
     assert {"pruning.csv", "pruning.parquet", "manifest_06_applications.json"} <= written
-    assert not {"quantization.csv", "bitflip_break.csv", "cache/phase1.pt"} & written
+    assert not {"quantization.csv", "bitflip_break.csv"} & written
     assert json.loads((tmp_path / "manifest_06_applications.json").read_text())["experiments"] == ["prune"]
 
 

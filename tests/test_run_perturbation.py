@@ -1,5 +1,5 @@
 """Phase 3 in a run: its tables carry intervals and name their window set, and it measures through the run's
-store of evaluations (cache/evaluations.json), which a later phase or run reads back with the same numbers
+store of evaluations (the run's cache), which a later phase or run reads back with the same numbers
 and without evaluating again."""
 
 import json

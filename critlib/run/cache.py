@@ -1,12 +1,15 @@
-"""Results one phase hands to later ones, kept in `<run>/cache/` under a key of everything they depend on
-(parameters, data windows, model identity, the code that computes them), so the notebooks of one run compute
-each phase once and a notebook run alone recomputes whatever is missing. Nothing here is ever unpickled:
-tensors are read with weights_only, the rest is JSON."""
+"""Results one phase hands to later ones, kept beside the run folder (`<parent>/.<run>.cache/`, so the folder
+a user shares holds none of it) under a key of everything they depend on (parameters, data windows, model
+identity, the code that computes them): the notebooks of one run compute each phase once, reruns and CLI
+verbs writing to the same folder reuse them, and a notebook run alone recomputes whatever is missing. Each
+file is written atomically; nothing here is ever unpickled: tensors are read with weights_only, the rest is
+JSON."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from .. import __version__
@@ -32,8 +35,15 @@ def key(ctx: Context, param_keys: tuple[str, ...], modules: tuple[str, ...], **e
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def home(outdir: str | Path) -> Path:
+    """The cache folder of run folder `outdir`, or of the run a staging folder (`.<run>.staging-*`) will become."""
+    folder = Path(outdir).resolve()
+    run = re.sub(r"^\.(.+)\.staging-[^/]*$", r"\1", folder.name)
+    return folder.parent / f".{run}.cache"
+
+
 def path(outdir: str | Path, name: str) -> Path:
-    return Path(outdir) / "cache" / name
+    return home(outdir) / name
 
 
 def load_json(outdir: str | Path, name: str, want: str):

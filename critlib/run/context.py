@@ -108,20 +108,11 @@ def move_into(src: Path, dst: Path) -> None:
         os.replace(f, target)
 
 
-def link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def new_staging(outdir: Path) -> Path:
-    """An empty staging folder beside `outdir`, holding links to its caches so later phases reuse them."""
+    """An empty staging folder beside `outdir` (`.<name>.staging-*`: its phases find the run's cache,
+    critlib.run.cache)."""
     outdir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.staging-", dir=outdir.parent))
-    if (outdir / "cache").is_dir():
-        shutil.copytree(outdir / "cache", staging / "cache", copy_function=link_or_copy)
-    return staging
+    return Path(tempfile.mkdtemp(prefix=f".{outdir.name}.staging-", dir=outdir.parent))
 
 
 @contextmanager

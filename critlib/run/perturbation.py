@@ -1,6 +1,6 @@
 """Phase 3 in a run: dose-response of held-out quality to perturbing each metric's top-K against random,
 magnitude and bottom-K controls (critlib.experiments), on the first `perturb_heldout` held-out windows (the
-phase's window set), measured through the run's store of evaluations (cache/evaluations.json), so Phase 4
+phase's window set), measured through the run's store of evaluations (critlib.run.cache), so Phase 4
 reads the same number for the same intervention on the same windows."""
 
 from __future__ import annotations
