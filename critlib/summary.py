@@ -1,0 +1,164 @@
+"""The report's findings in plain words, written from a run folder's files: what the model is, how
+concentrated the scores are, whether the top weights matter causally (against the random and magnitude
+controls, with intervals), the confirmed super weights, how stable the ranking is, and the study's claims.
+
+Every sentence states only what its numbers support: an effect is called larger than the random control
+only when its interval lies wholly above the control's; a missing file leaves its sentence out.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+
+GGUF_TYPE = re.compile(r"(?i)\b(I?Q\d_[A-Z0-9_]+|Q\d_\d|Q\d|F16|F32|BF16)\b")
+
+
+def describe_model(info: dict, params: dict | None = None) -> str:
+    """What the model is: its file or id, quantization, the dtype it was analysed in, and its size."""
+    params = params or {}
+    dtype = info.get("dtype") or params.get("dtype", "")
+    n = info.get("n_params")
+    size = f", {n / 1e9:.2f}B weights" if n and n >= 1e9 else f", {n / 1e6:.1f}M weights" if n else ""
+    kind, source = info.get("kind"), str(info.get("source", params.get("model", "")))
+    if kind == "gguf":
+        name = info.get("file", source)
+        q = GGUF_TYPE.search(name.replace(".", " "))
+        stem = re.sub(r"(?i)\.gguf$", "", name)
+        if q:
+            stem = stem[: stem.lower().rfind(q.group(1).lower())].rstrip("._-")
+        what = f"{stem} (GGUF {q.group(1).upper() if q else 'file'} {name}" + (", the embedded default" if
+                                                                                 source == "default" else "")
+        return f"{what}; dequantized to {dtype}{size})"
+    if kind == "synthetic":
+        cfg = info.get("config", {})
+        arch = info.get("architecture", cfg.get("model_type", "model"))
+        return f"a randomly initialised {arch} ({source}; {dtype}{size})"
+    rev = info.get("revision")
+    return f"{source} ({dtype}{size}" + (f", revision {str(rev)[:12]}" if rev else "") + ")"
+
+
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _table(path: Path) -> pd.DataFrame | None:
+    try:
+        return pd.read_parquet(path.with_suffix(".parquet"))
+    except (OSError, ValueError, ImportError):
+        return None
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.3g}%"
+
+
+def _ratio(row, col: str = "ppl_ratio") -> str:
+    mean = row.get(f"{col}_mean", row.get(col))
+    lo, hi = row.get(f"{col}_lo"), row.get(f"{col}_hi")
+    text = f"×{mean:.3g}"
+    if lo is not None and hi is not None and pd.notna(lo) and pd.notna(hi):
+        text += f" [{lo:.3g}, {hi:.3g}]"
+    return text
+
+
+def findings(outdir: str | Path) -> list[str]:
+    """The run's findings as short sentences, in reading order (see the module docstring for the rules)."""
+    outdir = Path(outdir)
+    out: list[str] = []
+    man = _json(outdir / "manifest.json") or {}
+    if man:
+        data = man.get("data", {})
+        out.append(f"Model: {describe_model(man.get('model', {}), man.get('params', {}))}; scored on "
+                   f"{data.get('n_score', '?')} windows of {data.get('seq_len', '?')} tokens from "
+                   f"`{data.get('source', '?')}`, perplexity on {data.get('n_heldout', '?')} held-out windows.")
+    stats = (_json(outdir / "sensitivity_stats.json") or {}).get("metrics", {})
+    conc = []
+    for m, st in stats.items():
+        g = st.get("global", {})
+        share = g.get("top_share", {}).get("0.1%")
+        if share is not None and m != "magnitude":
+            conc.append(f"{m} {_pct(share)}")
+    if conc:
+        out.append("Concentration: the top 0.1% of weights hold " + ", ".join(conc) + " of each metric's total "
+                   "score (exact, over every weight).")
+    out += _causal(outdir)
+    out += _super_weights(outdir)
+    out += _stability(outdir)
+    claims = _table(outdir / "claims")
+    if claims is not None and len(claims):
+        measured = claims[claims["study"].notna()]
+        counts = measured["verdict"].value_counts()
+        n_seeds = int(claims["n_seeds"].max())
+        out.append(f"The published study's {len(measured)} measured claims, re-tested over {n_seeds} data seeds: "
+                   + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".")
+    return out
+
+
+def _causal(outdir: Path) -> list[str]:
+    s = _table(outdir / "perturbation_summary")
+    if s is None or s.empty:
+        return []
+    zero = s[s["method"] == "zero"] if (s["method"] == "zero").any() else s[s["method"] == s["method"].iloc[0]]
+    k = int(zero["k"].max())
+    at = zero[zero["k"] == k]
+    tops = at[at["selector"].str.startswith("top:")]
+    if tops.empty:
+        return []
+    best = tops.loc[tops["ppl_ratio_mean"].idxmax()]
+    rnd = at[at["selector"] == "random"]
+    mag = at[at["selector"] == "magnitude"]
+    method = best["method"]
+    text = (f"Causal test ({method} the top {k:,} weights): {best['selector'][4:]} raises held-out perplexity "
+            f"{_ratio(best)}")
+    if len(rnd):
+        r = rnd.iloc[0]
+        text += f", random weights {_ratio(r)}"
+        lo, hi = best.get("ppl_ratio_lo"), r.get("ppl_ratio_hi")
+        if lo is not None and hi is not None and pd.notna(lo) and pd.notna(hi):
+            text += (" — its interval lies wholly above the random control's" if lo > hi else
+                     " — the intervals overlap: not distinguishable from random at this K")
+    if len(mag):
+        text += f"; magnitude (|w|) {_ratio(mag.iloc[0])}"
+    window = best.get("window_set")
+    return [text + (f" (window set {window})." if isinstance(window, str) else ".")]
+
+
+def _super_weights(outdir: Path) -> list[str]:
+    sw = _json(outdir / "superweights.json")
+    if not sw:
+        return []
+    cands = sw.get("candidates", sw.get("super_weights", []))
+    confirmed = [c for c in cands if c.get("confirmed")]
+    if not any("confirmed" in c for c in cands):
+        return [f"Super-weight detection found {len(cands)} candidate(s) (not tested against the confirmation "
+                "rule)."]
+    if not confirmed:
+        return [f"Super weights: none of {len(cands)} candidate(s) passed the confirmation rule."]
+    parts = []
+    for c in confirmed[:3]:
+        where = f"{c['param']}[{c['row']},{c['col']}]"
+        ratio = c.get("ppl_ratio_when_zeroed", c.get("ppl_ratio"))
+        lo, hi = c.get("ppl_ratio_lo"), c.get("ppl_ratio_hi")
+        parts.append(where + (f" ×{ratio:.3g}" if ratio is not None else "")
+                     + (f" [{lo:.3g}, {hi:.3g}]" if lo is not None and hi is not None else ""))
+    return [f"Confirmed super weights: {len(confirmed)} of {len(cands)} candidate(s) — zeroing each alone: "
+            + "; ".join(parts) + "."]
+
+
+def _stability(outdir: Path) -> list[str]:
+    st = _table(outdir / "stability")
+    if st is None or st.empty:
+        return []
+    seed = st[(st["comparison"] == "seed") & (st["metric"] != "magnitude")]
+    if seed.empty:
+        return []
+    per = seed.groupby("metric", sort=False)["jaccard"].mean()
+    return ["Stability: top-K Jaccard between data seeds " + ", ".join(f"{m} {v:.2f}" for m, v in per.items())
+            + " (1 = the same weights; magnitude is data-free and left out)."]
