@@ -3,8 +3,11 @@ write `index.html` with the run's headline numbers.
 
 Everything is produced in a staging folder beside the output folder and moved into place only when every
 notebook succeeded, so a failing cell leaves the previous report as it was; the partial run is kept in
-`<outdir>.failed/`. Notebooks run in a kernel of this very interpreter. The HTML works offline: plotly.js
-is embedded once per page, and no script is loaded from a CDN.
+`<outdir>.failed/`. Notebooks run in a kernel of this very interpreter. The HTML works offline and loads no
+script from a network: plotly.js is written once per run folder, as `plotly.min.js` beside the pages, which
+load it by a relative path (six pages would otherwise carry six 4.8 MB copies). A page copied away from its
+folder says so at its top instead of showing blank figures; `run_report(..., self_contained=True)` or
+`to_html(...)` without `plotlyjs_src` make pages that carry plotly.js themselves.
 """
 
 from __future__ import annotations
@@ -49,11 +52,23 @@ details.critlib-code[open] > summary { margin-bottom: 4px; }
 .jp-OutputArea-output.jp-RenderedHTMLCommon::-webkit-scrollbar-thumb { background: #bbb; border-radius: 5px; }
 </style>
 <script type="text/javascript">window.PlotlyConfig = {MathJaxConfig: 'local'};</script>
+{%- if resources.critlib_plotlyjs_src %}
+<script type="text/javascript" charset="utf-8" src="{{ resources.critlib_plotlyjs_src }}"></script>
+{%- else %}
 <script type="text/javascript">{{ resources.critlib_plotlyjs }}</script>
+{%- endif %}
 {%- endblock extra_css -%}
 {%- block body_header -%}
 {{ super() }}
 <div class="critlib-nav"><a href="index.html">&larr; report index</a></div>
+{%- if resources.critlib_plotlyjs_src %}
+<div id="critlib-no-plotly" class="critlib-nav" style="display: none; color: #b00; font-weight: bold;">
+The figures of this page need <code>{{ resources.critlib_plotlyjs_src }}</code> from its run folder: open the page
+inside that folder (plotly.js is written there once for all pages).</div>
+<script>window.addEventListener("DOMContentLoaded", function () {
+  if (typeof Plotly === "undefined") document.getElementById("critlib-no-plotly").style.display = "block";
+});</script>
+{%- endif %}
 {%- endblock body_header -%}
 {% block input_group -%}
 <details class="critlib-code"><summary>code</summary>
@@ -93,9 +108,25 @@ def plotlyjs() -> str:
     return get_plotlyjs()
 
 
-def to_html(notebook: str | Path, html_path: str | Path, title: str | None = None) -> Path:
+
+PLOTLYJS_FILE = "plotly.min.js"
+
+
+def write_plotlyjs(folder: str | Path) -> Path:
+    """plotly.js (the version of the installed plotly) as `plotly.min.js` in `folder`, for the pages there."""
+    with atomic_path(Path(folder) / PLOTLYJS_FILE) as tmp:
+        tmp.write_text(plotlyjs(), encoding="utf-8")
+    return Path(folder) / PLOTLYJS_FILE
+
+
+def to_html(notebook: str | Path, html_path: str | Path, title: str | None = None,
+            plotlyjs_src: str | None = None) -> Path:
     """Render an executed notebook to one offline HTML page: code folded, widget views dropped (they need a
-    live kernel), plotly.js embedded once."""
+    live kernel). plotly.js is embedded in the page (it works alone), or with `plotlyjs_src` (a relative path
+    such as "plotly.min.js", see `write_plotlyjs`) loaded from beside the page; never from a network."""
+    if plotlyjs_src is not None and ("//" in plotlyjs_src or ":" in plotlyjs_src or not plotlyjs_src.endswith(".js")):
+        raise CritlibError(f"plotlyjs_src={plotlyjs_src!r}: give a relative path to a .js file beside the page, or "
+                           "None to embed plotly.js; a report loads no script from a network")
     import jinja2
     import nbformat
     from nbconvert import HTMLExporter
@@ -108,6 +139,8 @@ def to_html(notebook: str | Path, html_path: str | Path, title: str | None = Non
             continue
         kept = []
         for out in cell.get("outputs", []):
+            if _loads_plotlyjs(out):  # the page loads plotly.js itself
+                continue
             data = out.get("data")
             if data and WIDGET_VIEW in data:
                 del data[WIDGET_VIEW]
@@ -117,10 +150,32 @@ def to_html(notebook: str | Path, html_path: str | Path, title: str | None = Non
         cell.outputs = kept
     exporter = HTMLExporter(template_name="lab", extra_loaders=[jinja2.DictLoader({"critlib.html.j2": TEMPLATE})],
                             template_file="critlib.html.j2")
-    body, _ = exporter.from_notebook_node(nb, resources={"critlib_plotlyjs": plotlyjs()})
+    resources = ({"critlib_plotlyjs": plotlyjs()} if plotlyjs_src is None
+                 else {"critlib_plotlyjs_src": plotlyjs_src})
+    body, _ = exporter.from_notebook_node(nb, resources=resources)
     with atomic_path(html_path) as tmp:
         tmp.write_text(body, encoding="utf-8")
     return Path(html_path)
+
+
+def _loads_plotlyjs(output) -> bool:
+    """Whether a notebook output is the one `viz.setup` displays to load plotly.js."""
+    from .viz import PLOTLYJS_OUTPUT
+    meta = output.get("metadata") or {}
+    return all(meta.get(k) == v for k, v in PLOTLYJS_OUTPUT.items())
+
+
+def share_plotlyjs(notebook: str | Path, src: str = PLOTLYJS_FILE) -> None:
+    """Make an executed notebook load plotly.js from `src` beside it instead of carrying its own copy (4.8 MB):
+    `jupyter nbconvert --to html` of it, in its run folder, still draws its figures offline."""
+    import nbformat
+    nb = nbformat.read(str(notebook), as_version=4)
+    outs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if _loads_plotlyjs(o)]
+    for out in outs:
+        out["data"] = {"text/html": f'<script type="text/javascript" charset="utf-8" src="{src}"></script>'}
+    if outs:
+        with atomic_path(notebook) as tmp:
+            nbformat.write(nb, str(tmp))
 
 
 def _error_line(err) -> str:
@@ -140,10 +195,11 @@ def execute(notebook: Path, output: Path, parameters: dict, kernel: str, cwd: st
 
 def run_report(params_file: str | Path | None = None, overrides: list[str] | dict | None = None,
                outdir: str | Path | None = None, phases: str | list | None = None, progress: bool = True,
-               notebooks: str | Path | None = None) -> Path:
+               notebooks: str | Path | None = None, self_contained: bool = False) -> Path:
     """Execute the chosen phases' notebooks (all by default) and write the report into `outdir` (default:
     the params' output_dir): `<phase>.ipynb`, `<phase>.html`, the phases' data files, `run.json`, and
-    `index.html`. Raises CritlibError with the failing cell's error; the previous report stays intact."""
+    `index.html`, with plotly.js once as `plotly.min.js` (or, `self_contained`, inside every page). Raises
+    CritlibError with the failing cell's error; the previous report stays intact."""
     params = load_params(params_file, overrides)
     outdir = check_output_dir(outdir or params.output_dir)
     nb_dir = Path(notebooks).resolve() if notebooks else NOTEBOOKS
@@ -159,6 +215,7 @@ def run_report(params_file: str | Path | None = None, overrides: list[str] | dic
         resolved = staging / "params.yaml"
         with atomic_path(resolved) as tmp:
             tmp.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
+        src = None if self_contained else write_plotlyjs(staging).name
         record = {"critlib_version": __version__, "params_file": str(params_file) if params_file else None,
                   "overrides": overrides if isinstance(overrides, dict) else list(overrides or []),
                   "started": _now(), "phases": {}}
@@ -179,7 +236,9 @@ def run_report(params_file: str | Path | None = None, overrides: list[str] | dic
                     raise CritlibError(f"notebook {p.key} failed: {_error_line(e)} — partial notebook: "
                                        f"{failed / nb_out.name}; the previous report in {outdir} was left as it "
                                        "was") from None
-                to_html(nb_out, staging / f"{p.key}.html", f"{p.number}. {p.title}")
+                if src:
+                    share_plotlyjs(nb_out, src)
+                to_html(nb_out, staging / f"{p.key}.html", f"{p.number}. {p.title}", src)
                 record["phases"][p.key] = {"seconds": round(time.perf_counter() - start, 2), "finished": _now()}
         record["finished"] = _now()
         previous = _read_json(outdir / "run.json")
@@ -204,7 +263,9 @@ def _fail(staging: Path, failed: Path, p: Phase | None, nb_out: Path | None) -> 
     """Keep the partial run as `<outdir>.failed/` (replacing an older one), with the failed notebook's HTML."""
     if nb_out is not None and nb_out.is_file():
         try:
-            to_html(nb_out, nb_out.with_suffix(".html"), f"{p.number}. {p.title} (FAILED)")
+            shared = (nb_out.parent / PLOTLYJS_FILE).is_file()
+            to_html(nb_out, nb_out.with_suffix(".html"), f"{p.number}. {p.title} (FAILED)",
+                    PLOTLYJS_FILE if shared else None)
         except Exception:  # the notebook itself is what matters
             pass
     shutil.rmtree(failed, ignore_errors=True)
@@ -274,7 +335,8 @@ table.phases td:nth-child(5) {{ width: 45%; }}
 {''.join(rows)}
 </table>
 <p class=s>Files: <code>params.yaml</code> (the resolved parameters), <code>run.json</code>, each phase's tables
-(<code>.parquet</code> + <code>.csv</code>), JSON and <code>manifest_*.json</code>. Pages work offline.</p>
+(<code>.parquet</code> + <code>.csv</code>), JSON and <code>manifest_*.json</code>. Pages work offline, with
+<code>plotly.min.js</code> beside them.</p>
 </body></html>
 """
     with atomic_path(path) as tmp:

@@ -1,6 +1,8 @@
 """Plotly figures of every phase: each function turns the frames of `critlib.tables` (or a phase's tables)
-into a `go.Figure`. `setup()` makes figures display as the Plotly mimetype (live JupyterLab)
-plus an HTML div without plotly.js (the report embeds plotly.js once per page).
+into a `go.Figure`. `setup()` makes figures display as the Plotly mimetype (live JupyterLab) plus an HTML
+div without plotly.js, and in a notebook loads plotly.js once (an output of its own), so a notebook run by
+plain papermill and converted by plain `jupyter nbconvert --to html` draws its figures offline too
+(the report replaces that output by one shared plotly.min.js per run folder).
 """
 
 from __future__ import annotations
@@ -61,12 +63,33 @@ def setup() -> None:
     pd.set_option("display.min_rows", 100)
     pd.set_option("display.max_columns", None)
     pd.set_option("display.float_format", "{:.5g}".format)
+    _load_plotlyjs()
     for name in pio.renderers:
         r = pio.renderers[name]
         if isinstance(getattr(r, "config", None), dict):
             r.config.update(CONFIG)
     pio.renderers["critlib"] = _Renderer()
     pio.renderers.default = "critlib"
+
+
+PLOTLYJS_OUTPUT = {"critlib": "plotlyjs"}  # the metadata of the output that loads plotly.js
+
+
+def _load_plotlyjs() -> None:
+    """In a notebook kernel, display plotly.js once as HTML (no network: the installed plotly's copy), for
+    the figures' HTML divs wherever no Plotly renderer runs: nbconvert pages, a Lab without plotly's
+    extension. Outside a kernel, nothing."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    if getattr(get_ipython(), "kernel", None) is None:
+        return
+    from IPython.display import display
+    from plotly.offline import get_plotlyjs
+    html = ('<script type="text/javascript">window.PlotlyConfig = {MathJaxConfig: "local"};</script>\n'
+            f'<script type="text/javascript">{get_plotlyjs()}</script>')
+    display({"text/html": html}, raw=True, metadata=dict(PLOTLYJS_OUTPUT))
 
 
 def _title(text: str) -> dict:

@@ -2,6 +2,7 @@
 and every one executes on params/tiny.yaml and writes what its phase promises."""
 
 import json
+import os
 from pathlib import Path
 
 import jupytext
@@ -42,6 +43,53 @@ def test_committed_without_outputs_and_with_parameters_cell(path):
     assert nb.cells.index(tagged[0]) < nb.cells.index(code[1]), "the parameters cell must come first"
     assert nb.metadata.kernelspec.name == "python3"
     assert "widgets" not in nb.metadata
+
+
+@pytest.mark.parametrize("path", _notebooks(), ids=lambda p: p.stem)
+def test_parameters_cell_declares_every_run_parameter(path):
+    """papermill `-f params/X.yaml` / `-p key value` set declared variables only: no "Passed unknown parameter"."""
+    from critlib.run.notebook import parameters_cell
+    nb = nbformat.read(path, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    names = {line.split("=")[0].strip() for line in cell.source.splitlines()
+             if "=" in line and not line.lstrip().startswith("#")}
+    missing = set(valid_keys()) - names
+    assert not missing, (f"{path.name}: the parameters cell lacks {sorted(missing)}; paste "
+                         f"critlib.run.notebook.parameters_cell() into it:\n{parameters_cell()}")
+
+
+def plain_papermill_page(folder: Path) -> Path:
+    """notebooks/01_sensitivity run the plain way (papermill -f params/tiny.yaml, then jupyter nbconvert --to
+    html), as a researcher would outside `critlib run`; returns the HTML page. Fails on papermill warnings about
+    unknown parameters."""
+    import subprocess
+    import sys
+    from tests.conftest import REPO
+    out = folder / "01_plain.ipynb"
+    run = subprocess.run([sys.executable, "-m", "papermill", str(NOTEBOOKS / "01_sensitivity.ipynb"), str(out),
+                          "-f", str(Path(REPO) / "params" / "tiny.yaml"), "-p", "output_dir", str(folder / "data"),
+                          "-p", "model", f"synthetic:{REPO}/params/tiny-model.json", "--cwd", REPO,
+                          "--no-progress-bar"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "unknown parameter" not in run.stderr, run.stderr
+    conv = subprocess.run([sys.executable, "-m", "nbconvert", "--to", "html", str(out)], capture_output=True,
+                          text=True, timeout=300)
+    assert conv.returncode == 0, conv.stderr[-3000:]
+    return out.with_suffix(".html")
+
+
+def test_plain_papermill_and_nbconvert_page_has_its_figures(tmp_path):
+    from critlib.report import plotlyjs
+    page = plain_papermill_page(tmp_path).read_text()
+    nb = nbformat.read(tmp_path / "01_plain.ipynb", as_version=4)
+    injected = next(c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", []))
+    assert "seq_len = 32" in injected.source  # from params/tiny.yaml
+    n = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.outputs
+            if "application/vnd.plotly.v1+json" in o.get("data", {}))
+    assert n > 0 and page.count("Plotly.newPlot(") == n
+    assert page.count(plotlyjs()[:300]) == 1  # plotly.js in the page once, from the notebook: offline
+    assert json.loads((tmp_path / "data" / "manifest.json").read_text())["params"]["seq_len"] == 32
 
 
 @pytest.mark.parametrize("path", _notebooks(), ids=lambda p: p.stem)

@@ -10,11 +10,32 @@ from ..params import Params, load_params, valid_keys
 from .context import Context, prepare
 
 
+NOTEBOOK_PARAMETERS = (
+    ("params_file", "params YAML; None: built-in defaults, the embedded default model"),
+    ("output_dir", "folder for tables and JSON; None: the output_dir of the params"),
+    ("write_dir", "where files are written; None: output_dir (critlib run writes to a staging folder)"),
+)
+
+
+def parameters_cell() -> str:
+    """The source of every phase notebook's `parameters` cell: the notebook's own variables, then every run
+    parameter as None, so that papermill's `-f params/X.yaml` and `-p key value` set known variables (no
+    "Passed unknown parameter" warnings) and a user edits one cell. After a new key in `Params`, paste this
+    into each notebook: `python -c "from critlib.run.notebook import parameters_cell; print(parameters_cell())"`.
+    """
+    own = [name for name, _ in NOTEBOOK_PARAMETERS]
+    lines = [f"{name} = None  # {doc}" for name, doc in NOTEBOOK_PARAMETERS]
+    lines += ["# Any run parameter (params/default.yaml, README \"Parameters\"): None takes it from params_file, else",
+              "# the built-in default; a value here, or papermill's `-p key value` / `-f params/X.yaml`, overrides it."]
+    lines += [f"{k} = None" for k in valid_keys() if k not in own]
+    return "\n".join(lines)
+
+
 def params_from(namespace: dict) -> Params:
     """The run's Params from a notebook's variables: `params_file` (a YAML, or None for the built-in
-    defaults), overridden by any variable named like a Params key that is not None (papermill `-f X.yaml`
-    injects every key of X). Opened from `notebooks/` in JupyterLab, relative paths resolve from the
-    repository root, as with `make run`."""
+    defaults), overridden by any variable named like a Params key that is not None (the `parameters` cell
+    declares them all; papermill `-f X.yaml` sets every key of X). Opened from `notebooks/` in JupyterLab,
+    relative paths resolve from the repository root, as with `make run`."""
     cwd = Path.cwd()
     if cwd.name == "notebooks" and (cwd.parent / "params").is_dir():
         os.chdir(cwd.parent)
