@@ -187,10 +187,26 @@ def _error_line(err) -> str:
     return f"{ename}{where}: {evalue[0] if evalue else ''}"
 
 
-def execute(notebook: Path, output: Path, parameters: dict, kernel: str, cwd: str | Path, progress: bool) -> None:
+def execute(notebook: Path, output: Path, parameters: dict, kernel: str, cwd: str | Path,
+            progress: bool = False) -> None:
+    """Run a notebook with papermill. The kernel talks over IPC sockets in a private folder where the OS has
+    them (no TCP port, so no ipykernel warning about unencrypted TCP); `progress`: papermill's per-cell bar."""
     import papermill
-    papermill.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name=kernel,
-                               progress_bar=progress, cwd=str(cwd), log_output=False)
+    from traitlets.config import Config
+    config = Config()
+    with tempfile.TemporaryDirectory(prefix="critlib-ipc-") as d:
+        if os.name == "posix":
+            config.KernelManager.transport = "ipc"
+            config.KernelManager.ip = os.path.join(d, "kernel")
+        papermill.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name=kernel,
+                                   progress_bar=progress, cwd=str(cwd), log_output=False, config=config)
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    if s < 60:
+        return f"{s} s"
+    return f"{s // 60} min {s % 60:02d} s" if s < 3600 else f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 def run_report(params_file: str | Path | None = None, overrides: list[str] | dict | None = None,
@@ -219,16 +235,23 @@ def run_report(params_file: str | Path | None = None, overrides: list[str] | dic
         record = {"critlib_version": __version__, "params_file": str(params_file) if params_file else None,
                   "overrides": overrides if isinstance(overrides, dict) else list(overrides or []),
                   "started": _now(), "phases": {}}
+        previous = _read_json(outdir / "run.json") or {}
+        began = time.perf_counter()
         with interpreter_kernel() as kernel:
-            for p in chosen:
+            for i, p in enumerate(chosen, 1):
                 nb_out = staging / f"{p.key}.ipynb"
                 start = time.perf_counter()
+                name = f"phase {i}/{len(chosen)}: {p.title}"
+                if len(chosen) < len(PHASES):
+                    name += f" (phase {p.number})"
                 if progress:
-                    print(f"critlib: phase {p.number} ({p.key})", file=sys.stderr, flush=True)
+                    last = previous.get("phases", {}).get(p.key, {}).get("seconds")
+                    print(f"critlib: {name}" + (f" (last run: {_duration(last)})" if last else ""),
+                          file=sys.stderr, flush=True)
                 try:
                     execute(notebook_path(p, nb_dir), nb_out, {"params_file": str(resolved),
                                                               "write_dir": str(staging)},
-                            kernel, Path.cwd(), progress)
+                            kernel, Path.cwd())
                 except Exception as e:
                     if type(e).__name__ != "PapermillExecutionError":
                         raise
@@ -240,9 +263,11 @@ def run_report(params_file: str | Path | None = None, overrides: list[str] | dic
                     share_plotlyjs(nb_out, src)
                 to_html(nb_out, staging / f"{p.key}.html", f"{p.number}. {p.title}", src)
                 record["phases"][p.key] = {"seconds": round(time.perf_counter() - start, 2), "finished": _now()}
+                if progress:
+                    print(f"critlib: {name}: done in {_duration(time.perf_counter() - start)} "
+                          f"(total {_duration(time.perf_counter() - began)})", file=sys.stderr, flush=True)
         record["finished"] = _now()
-        previous = _read_json(outdir / "run.json")
-        for key, info in (previous or {}).get("phases", {}).items():
+        for key, info in previous.get("phases", {}).items():
             if key not in record["phases"] and (outdir / f"{key}.html").is_file():
                 record["phases"][key] = dict(info, from_earlier_run=True)
         write_json(staging / "run.json", record)

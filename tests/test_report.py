@@ -159,7 +159,7 @@ def test_headlines_match_the_files(tiny_report):
     ratio = h["03_perturbation"][f"ppl ratio, zero top-{summ['k'].max()} of random"]  # "1.000 [lo, hi] (...)"
     assert float(str(ratio).split()[0]) == pytest.approx(at["ppl_ratio_mean"].iloc[0], rel=1e-3)
     sw = json.loads((tiny_report / "superweights.json").read_text())
-    assert h["04_super_weights"]["super weights found"] == len(sw["super_weights"])
+    assert h["04_super_weights"]["confirmed super weights"] == f"{len(sw['super_weights'])} of {sw['n_candidates']} candidates"
     h6 = h["06_applications"]
     q = pd.read_parquet(tiny_report / "quantization.parquet")
     q = q[q["bits"] == q["bits"].min()]
@@ -179,7 +179,7 @@ def test_headlines_match_the_files(tiny_report):
     label = f"flips to break, random weights and bits (median of {len(rnd)} draws)"
     assert h6[label] == (float(np.median(rnd)) if np.isfinite(np.median(rnd)) else f"> {int(b['n_available'].max())}")
     index = (tiny_report / "index.html").read_text()
-    assert "held-out perplexity" in index and "super weights found" in index
+    assert "held-out perplexity" in index and "confirmed super weights" in index
 
 
 def test_failing_cell_exits_nonzero_and_keeps_the_previous_report(tiny_report, capsys):
@@ -196,7 +196,7 @@ def test_failing_cell_exits_nonzero_and_keeps_the_previous_report(tiny_report, c
     shutil.rmtree(failed)
 
 
-def test_rerun_one_phase_keeps_the_others(tiny_report, tmp_path):
+def test_rerun_one_phase_keeps_the_others(tiny_report, tmp_path, capfd):
     out = tmp_path / "again"
     shutil.copytree(tiny_report, out)
     before = _digest(out)
@@ -204,9 +204,15 @@ def test_rerun_one_phase_keeps_the_others(tiny_report, tmp_path):
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
         from critlib.report import run_report
-        run_report(TINY, tiny_report_params(), out, phases="2", progress=False)
+        run_report(TINY, tiny_report_params(), out, phases="2", progress=True)
     finally:
         os.environ.pop("OMP_NUM_THREADS") if old is None else os.environ.__setitem__("OMP_NUM_THREADS", old)
+    # the terminal (the kernel's stderr too): the phase, its time and the last run's, nothing else
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 2, err
+    phase, took = r"critlib: phase 1/1: Cross-metric agreement \(phase 2\)", r"\d+ (?:s|min \d\d s|h \d\d min)"
+    assert re.fullmatch(rf"{phase} \(last run: {took}\)", err[0])
+    assert re.fullmatch(rf"{phase}: done in {took} \(total {took}\)", err[1])
     after = _digest(out)
     assert after["01_sensitivity.html"] == before["01_sensitivity.html"]
     assert after["02_cross_metric.html"] != before["02_cross_metric.html"]
