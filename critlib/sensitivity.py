@@ -19,8 +19,7 @@ from .bins import step_for
 from .distributed import Reducer, shard
 from .distributed import active as dist_active
 from .io import atomic_path
-from .kernels import Backend, block_partials, block_topk, resolve_backend
-from .kernels import reduce as reduce_partials
+from .kernels import Backend, multi, resolve_backend
 from .kernels import score as kernel_score
 from .layout import Part, component_at, is_token_matrix, layer_of, parts_of
 from .rank import TopK
@@ -176,18 +175,18 @@ def analyze(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], t
 
     backend = resolve_backend(kernel, next(model.parameters()).device, fallback=Backend.OFF)
 
+    batch = multi.Pass1(k_cand, backend, stats, topk, lambda name: _unsplit(groups[name]),  # many tensors a launch
+                        lambda m, name, n, total: _add_cell(cells[m], layer_of(name), _unsplit(groups[name]), n, total))
+
     def fused1(metric, name, w, g):
-        names = _unsplit(groups[name])
-        if backend is Backend.OFF or bottom or names is None:  # bottom-K and split tensors need the scores
+        if backend is Backend.OFF or bottom or _unsplit(groups[name]) is None:  # bottom-K, split tensors: scores
             return False
-        p = block_partials(w, g, metric, backend)
-        total = stats[metric].merge(names, reduce_partials(p).reshape(1, 5), p.hist_count)
-        _add_cell(cells[metric], layer_of(name), names, w.numel(), total)
-        topk[metric].add_candidates(name, *block_topk(w, g, metric, p.max, p.block, k_cand))
+        batch.add(metric, name, w, g)
         return True
 
     unscored = score_model(model, windows, metrics, emit1, batch_size, fisher_dtype, progress, "pass 1/2",
                            reduce=reduce, fused=fused1)
+    batch.finish()
     release_memory()
     result = Sensitivity(metrics, order, shapes, parts, topk, {}, topk_global, topk_per_layer,
                          bottom=bottom, unscored={"wanda": unscored} if unscored else {},
