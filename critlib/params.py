@@ -79,6 +79,15 @@ class Params:
     applications_heldout: int = 0
     # Phase 5 token explorer: tokens pre-rendered in the static HTML (top tokens by row score)
     token_explorer_top: int = 30
+    # Phase 4 super weights (critlib.superweights): candidates are spikes of the down projections' outputs
+    # on sw_prompts prompts; a candidate is confirmed when zeroing it alone multiplies held-out perplexity (on
+    # Phase 3's windows, the first perturb_heldout) by ≥ sw_effect_size and its 95% interval clears the
+    # control of sw_random_draws random weights of the same tensor
+    sw_spike_ratio: float = 10.0  # spike: max |output| ≥ this × the median block's ...
+    sw_min_activation: float = 50.0  # ... and ≥ this (Yu et al.'s code flags |activation| > 50); 0 = off
+    sw_effect_size: float = 1.05  # perplexity ratio a confirmed super weight must reach when zeroed alone
+    sw_prompts: int = 8  # detection prompts: the first n of critlib.superweights.PROMPTS (1 to 8)
+    sw_random_draws: int = 8  # draws of the random-weight control (≥ 2: its interval is over draws)
 
     def validate(self) -> "Params":
         for key in ("seq_len", "n_sequences", "batch_size", "chunk_size"):
@@ -118,7 +127,22 @@ class Params:
         self._validate_applications()
         self._validate_perturbation()
         self._validate_report()
+        self._validate_super_weights()
         return self
+
+    def _validate_super_weights(self) -> None:
+        from .superweights import SuperWeightConfig
+        for key, kind in (("sw_spike_ratio", float), ("sw_min_activation", float), ("sw_effect_size", float),
+                          ("sw_prompts", int), ("sw_random_draws", int)):
+            value = getattr(self, key)
+            try:
+                if isinstance(value, bool) or (kind is int and int(value) != value):
+                    raise ValueError
+                setattr(self, key, kind(value))
+            except (TypeError, ValueError):
+                raise CritlibError(f"{key}={value!r} must be {'an integer' if kind is int else 'a number'}") from None
+        SuperWeightConfig(self.sw_spike_ratio, self.sw_min_activation, self.sw_effect_size, self.sw_prompts,
+                          self.sw_random_draws)  # raises with what to change
 
     def _validate_report(self) -> None:
         try:

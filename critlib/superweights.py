@@ -1,12 +1,22 @@
-"""Data-free super-weight detection after Yu et al. 2024, "The Super Weight in Large Language Models".
+"""Super weights after Yu et al. 2024, "The Super Weight in Large Language Models": data-free detection of
+*candidates*, and a causal test that *confirms* only those whose removal alone matters.
 
-A super weight sits in an MLP down projection and, on the first token of any prompt, turns one huge input
-activation into a huge output activation (the "super activation") that the residual stream carries on.
-Detection: hook every block's down projection on one short prompt; a block whose max |output| exceeds
-`threshold` × the median of the other blocks' max |output| spikes; its weight is the one linking the
-max-|input| channel to the max-|output| channel at the spiking token. The earliest spiking block is taken
-(later spikes may only be reactions to it), the weights found so far are zeroed, and detection repeats
-until no new spike appears or `max_iters` is reached. The model is restored bit for bit afterwards.
+Detection. Hook every block's MLP down projection on a few short prompts (`PROMPTS`, tokenized as the
+tokenizer itself does, like the reference code's `tokenizer(text)`). On a prompt, a block spikes when its
+largest |output| is at least `spike_ratio` × the median of the other blocks' largest |output| (relative) and
+at least `min_activation` (absolute; the reference code flags |activation| > 50). Its candidate is the weight
+linking the largest-|input| channel to the largest-|output| channel at the spiking token; each candidate
+counts the prompts it spikes on.
+
+Confirmation. A candidate is confirmed when zeroing it alone raises held-out perplexity by a ratio of at
+least `effect_size` and the lower bound of that ratio's 95% interval (paired bootstrap over windows,
+critlib.effects) lies above the upper bound of the random control: one random weight of the same tensor
+zeroed, `random_draws` draws, a t-interval of their mean (`draws_interval`). Then the confirmed ones are
+zeroed and detection runs again (a super weight can hide a smaller one, e.g. in its own block); the search
+stops when a round confirms nothing new. The control is drawn only for tensors where a candidate reaches the
+effect size (below it the verdict does not need it). Effects are measured through an `Evaluations` store under
+`intervention_key(selection, Zero())`, so another phase zeroing the same weights on the same windows reads
+the same number. The model is restored bit for bit afterwards.
 
 Orientation: a Linear weight is [out, in], so row = output channel, col = input channel; a GPT-2 Conv1D
 weight is [in, out], so row = input channel, col = output channel. `row`/`col` are always the tensor's own
@@ -18,25 +28,61 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+import zlib
 from dataclasses import dataclass
 
 import torch
 
 from . import CritlibError
-from .evaluate import evaluate
+from .effects import LEVEL, Evaluations, draws_interval, intervention_key, window_set
 from .layout import layer_of
 from .perturb import Selection, Zero, perturbed, select_random
 from .scores import hooks, scored_parameters
 
 DOWN_PROJECTIONS = ("mlp.down_proj", "mlp.c_proj", "mlp.fc2", "mlp.dense_4h_to_h", "mlp.w2")
-DEFAULT_TEXT = "Apple Inc. is a worldwide tech company."
-FALLBACK_IDS = [0, 11, 29, 3, 47, 18, 5, 62, 9, 33]
-THRESHOLD = 50.0
+PROMPTS = (  # short and varied; the first is Yu et al.'s
+    "Apple Inc. is a worldwide tech company.",
+    "The quick brown fox jumps over the lazy dog.",
+    "In 1905, Albert Einstein published four papers.",
+    "def add(a, b):\n    return a + b",
+    "Paris is the capital and largest city of France.",
+    "She opened the door and saw that the rain had stopped.",
+    "1 2 3 4 5 6 7 8 9 10",
+    "Water boils at 100 degrees Celsius at sea level.",
+)
+DEFAULT_TEXT = PROMPTS[0]
+FALLBACK_IDS = [0, 11, 29, 3, 47, 18, 5, 62, 9, 33]  # prompt 0 without a tokenizer; others drawn from a seed
+MAX_ITERS = 10
+
+
+@dataclass(frozen=True)
+class SuperWeightConfig:
+    """The detection thresholds and the confirmation rule (field names are the params' keys)."""
+    sw_spike_ratio: float = 10.0  # a block spikes at ≥ this × the median block's max |output| ...
+    sw_min_activation: float = 50.0  # ... and at |output| ≥ this (the reference code's threshold)
+    sw_effect_size: float = 1.05  # confirmed: ppl ratio when zeroed alone ≥ this, and its interval above the control
+    sw_prompts: int = len(PROMPTS)  # detection prompts: the first n of PROMPTS
+    sw_random_draws: int = 8  # random weights of the same tensor in the control
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.sw_spike_ratio > 1:
+            raise CritlibError(f"sw_spike_ratio={self.sw_spike_ratio} must be > 1 (a spike is that many times the "
+                               "median block)")
+        if not self.sw_min_activation >= 0:
+            raise CritlibError(f"sw_min_activation={self.sw_min_activation} must be ≥ 0 (0: the relative "
+                               "threshold alone)")
+        if not self.sw_effect_size > 1:
+            raise CritlibError(f"sw_effect_size={self.sw_effect_size} must be a perplexity ratio > 1, e.g. 1.05")
+        if not 1 <= int(self.sw_prompts) <= len(PROMPTS):
+            raise CritlibError(f"sw_prompts={self.sw_prompts} must lie in [1, {len(PROMPTS)}] (built-in prompts)")
+        if int(self.sw_random_draws) < 2:
+            raise CritlibError(f"sw_random_draws={self.sw_random_draws} must be ≥ 2: an interval needs two draws")
 
 
 @dataclass(frozen=True)
 class BlockActivation:
-    """One block's down projection on the prompt: its largest |output| and where it is."""
+    """One block's down projection on one prompt: its largest |output| and where it is."""
     layer: int | None
     module: str
     param: str
@@ -47,10 +93,12 @@ class BlockActivation:
     out_channel: int
     in_activation: float  # signed values at that position
     out_activation: float
+    in_max: float  # largest |input| anywhere on the prompt
 
 
 @dataclass(frozen=True)
-class SuperWeight:
+class Candidate:
+    """A spike's weight, with what it did on the prompt where it spiked most."""
     param: str
     module: str
     layer: int | None
@@ -63,23 +111,58 @@ class SuperWeight:
     position: int
     in_activation: float
     out_activation: float
-    spike_ratio: float  # out_max / median of the other blocks' out_max
-    iteration: int
+    spike_ratio: float  # out_max / median of the other blocks' out_max, on that prompt
+    iteration: int  # detection round that found it (0: nothing zeroed)
+    prompts: tuple[int, ...] = ()  # the prompts it spikes on
+
+    @property
+    def coord(self) -> tuple[str, int]:
+        return self.param, self.flat
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return dict(dataclasses.asdict(self), prompts=list(self.prompts), n_prompts=len(self.prompts))
 
+
+# ------------------------------------------------------------------------------------------- prompts
 
 def default_prompt_ids(tokenizer=None, text: str = DEFAULT_TEXT) -> torch.Tensor:
-    """[1, t] ids: BOS (when the tokenizer has one) + `text`; without a tokenizer a fixed list from id 0."""
+    """[1, t] ids of `text` with the special tokens the tokenizer itself adds; without one, FALLBACK_IDS."""
     if tokenizer is None:
         return torch.tensor([FALLBACK_IDS])
-    ids = list(tokenizer(text, add_special_tokens=False).input_ids)
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is not None and (not ids or ids[0] != bos):
-        ids = [bos] + ids
-    return torch.tensor([ids])
+    return torch.tensor([list(tokenizer(text).input_ids)])
 
+
+def detection_prompts(tokenizer=None, n: int = len(PROMPTS), vocab_size: int = 64) -> list[dict]:
+    """[{text, ids}] of the first `n` PROMPTS; without a tokenizer, FALLBACK_IDS and n-1 seeded id lists
+    (text None) of the same length from ids < min(vocab_size, 64)."""
+    if tokenizer is not None:
+        return [{"text": t, "ids": default_prompt_ids(tokenizer, t)[0].tolist()} for t in PROMPTS[:n]]
+    top = min(int(vocab_size), 64)
+    out = [{"text": None, "ids": [i % top for i in FALLBACK_IDS]}]
+    for i in range(1, n):
+        g = torch.Generator().manual_seed(i)
+        out.append({"text": None, "ids": torch.randint(0, top, (len(FALLBACK_IDS),), generator=g).tolist()})
+    return out
+
+
+def _ids(prompt_ids, device) -> torch.Tensor:
+    ids = torch.as_tensor(prompt_ids, dtype=torch.long)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+        raise CritlibError(f"prompt_ids must be one non-empty sequence of token ids, got shape {tuple(ids.shape)}")
+    return ids.to(device)
+
+
+def _prompt_list(prompts) -> list:
+    """One prompt ([t] or [1, t] ids) or several ([n, t] tensor, list of id lists) as a list of prompts."""
+    if isinstance(prompts, torch.Tensor):
+        return [prompts] if prompts.ndim < 2 or prompts.shape[0] <= 1 else list(prompts)
+    prompts = list(prompts)
+    return [prompts] if not prompts or not isinstance(prompts[0], (list, tuple, torch.Tensor)) else prompts
+
+
+# ------------------------------------------------------------------------------------------- detection
 
 def down_projections(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, str, bool]]:
     """(module name, module, weight's parameter name, is Conv1D) of every block's MLP down projection."""
@@ -96,15 +179,6 @@ def down_projections(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module,
     return out
 
 
-def _ids(prompt_ids, device) -> torch.Tensor:
-    ids = torch.as_tensor(prompt_ids, dtype=torch.long)
-    if ids.ndim == 1:
-        ids = ids[None]
-    if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
-        raise CritlibError(f"prompt_ids must be one non-empty sequence of token ids, got shape {tuple(ids.shape)}")
-    return ids.to(device)
-
-
 @torch.no_grad()
 def activation_profile(model: torch.nn.Module, prompt_ids) -> list[BlockActivation]:
     """Each block's down-projection spike statistics on one prompt."""
@@ -117,7 +191,8 @@ def activation_profile(model: torch.nn.Module, prompt_ids) -> list[BlockActivati
             pos, out_ch = divmod(int(y.abs().argmax()), y.shape[-1])
             in_ch = int(x[pos].abs().argmax())
             seen[mname] = BlockActivation(layer_of(mname), mname, pname, conv1d, float(y.abs().max()), pos,
-                                          in_ch, out_ch, float(x[pos, in_ch]), float(y[pos, out_ch]))
+                                          in_ch, out_ch, float(x[pos, in_ch]), float(y[pos, out_ch]),
+                                          float(x.abs().max()))
         return fn
 
     with hooks([mod.register_forward_hook(hook(m, p, c)) for m, mod, p, c in downs]):
@@ -141,30 +216,94 @@ def _weight(model, b: BlockActivation) -> tuple[int, int, int, float]:
     return row, col, flat, float(p.detach().reshape(-1)[flat])
 
 
-def find_super_weights(model: torch.nn.Module, prompt_ids, threshold: float = THRESHOLD,
-                       max_iters: int = 10) -> list[SuperWeight]:
-    """Super weights in detection order (one per iteration; see the module docstring)."""
-    if not threshold > 1:
-        raise CritlibError(f"threshold={threshold} must be > 1 (a spike is that many times the typical block)")
-    found: list[SuperWeight] = []
+def _check_thresholds(spike_ratio: float, min_activation: float) -> None:
+    SuperWeightConfig(sw_spike_ratio=spike_ratio, sw_min_activation=min_activation)
+
+
+def find_candidates(model: torch.nn.Module, prompts, spike_ratio: float = SuperWeightConfig.sw_spike_ratio,
+                    min_activation: float = SuperWeightConfig.sw_min_activation, iteration: int = 0,
+                    profiles: list | None = None) -> list[Candidate]:
+    """One detection round: every spiking block's weight on each prompt, merged over prompts (each candidate
+    keeps the prompts it spikes on and its values where it spiked most), in block order. `profiles`, when
+    given, receives each prompt's profile as JSON-ready dicts."""
+    _check_thresholds(spike_ratio, min_activation)
+    found: dict[tuple[str, int], Candidate] = {}
+    for i, prompt in enumerate(_prompt_list(prompts)):
+        profile = activation_profile(model, prompt)
+        ratios = spike_ratios(profile)
+        if profiles is not None:
+            profiles.append([dict(dataclasses.asdict(b), spike_ratio=r) for b, r in zip(profile, ratios)])
+        for b, r in zip(profile, ratios):
+            if not (r >= spike_ratio and b.out_max >= min_activation):
+                continue
+            row, col, flat, w = _weight(model, b)
+            old = found.get((b.param, flat))
+            if old is None or b.out_max > abs(old.out_activation):
+                found[(b.param, flat)] = Candidate(b.param, b.module, b.layer, row, col, flat, w, b.in_channel,
+                                                   b.out_channel, b.position, b.in_activation, b.out_activation, r,
+                                                   iteration, (old.prompts if old else ()) + (i,))
+            else:
+                found[(b.param, flat)] = dataclasses.replace(old, prompts=old.prompts + (i,))
+    order = {m: j for j, (m, *_) in enumerate(down_projections(model))}
+    return sorted(found.values(), key=lambda c: (order[c.module], c.row, c.col))
+
+
+def find_super_weights(model: torch.nn.Module, prompts, spike_ratio: float = SuperWeightConfig.sw_spike_ratio,
+                       min_activation: float = SuperWeightConfig.sw_min_activation,
+                       max_iters: int = MAX_ITERS) -> list[Candidate]:
+    """Data-free detection alone (no data, no confirmation): candidates of rounds that zero every candidate
+    found so far and detect again, until a round finds nothing new. `super_weight_study` confirms them."""
+    found: list[Candidate] = []
     for it in range(int(max_iters)):
-        with perturbed(model, Selection.from_list([(s.param, s.flat) for s in found]), Zero()):
-            profile = activation_profile(model, prompt_ids)
-            new = None
-            for b, r in zip(profile, spike_ratios(profile)):
-                if r <= threshold:
-                    continue
-                row, col, flat, w = _weight(model, b)
-                if any(s.param == b.param and s.flat == flat for s in found):
-                    continue
-                new = SuperWeight(b.param, b.module, b.layer, row, col, flat, w, b.in_channel, b.out_channel,
-                                  b.position, b.in_activation, b.out_activation, r, it)
-                break
-        if new is None:
+        with perturbed(model, Selection.from_list([c.coord for c in found]), Zero()):
+            seen = {c.coord for c in found}
+            new = [c for c in find_candidates(model, prompts, spike_ratio, min_activation, it) if c.coord not in seen]
+        if not new:
             break
-        found.append(new)
+        found += new
     return found
 
+
+# ------------------------------------------------------------------------------------------- effects
+
+def _zero(store: Evaluations, windows: torch.Tensor, pairs) -> dict:
+    """Effect of zeroing `pairs` (param, flat) on `windows`, through the store (measured once per key)."""
+    sel = Selection.from_list(pairs)
+    return store.measure(intervention_key(sel, Zero()), windows, lambda: perturbed(store.model, sel, Zero()))
+
+
+def _random_same_tensor(model, counts: dict[str, int], exclude: set, seed: int) -> Selection:
+    """counts[param] random weights of each param, none of them in `exclude`."""
+    pairs = []
+    for j, (name, m) in enumerate(counts.items()):
+        n_ex = sum(1 for p, _ in exclude if p == name)
+        cand = select_random(model, m + n_ex, seed * 1_000_003 + j, params=[name]).to_list()
+        pairs += [c for c in cand if c not in exclude][:m]
+    return Selection.from_list(pairs)
+
+
+def random_control(store: Evaluations, windows: torch.Tensor, counts: dict[str, int], exclude: set, draws: int,
+                   seed: int) -> dict:
+    """Perplexity ratios of zeroing counts[param] random weights of each tensor (none in `exclude`), one per
+    draw, with the t-interval of their mean: {mean, lo, hi, n, std, values}."""
+    values = [_zero(store, windows, _random_same_tensor(store.model, counts, exclude, seed + d).to_list())["ppl_ratio"]
+              for d in range(int(draws))]
+    return dict(draws_interval(values), std=statistics.stdev(values) if len(values) > 1 else None, values=values)
+
+
+def verdict(effect: dict, control: dict | None, effect_size: float) -> str:
+    """"confirmed", or why not: the rule of the module docstring for one candidate (`control`: its tensor's
+    random control, needed only past the effect size)."""
+    if not effect["ppl_ratio"] >= effect_size:
+        return "below the effect size"
+    if control is None:
+        raise CritlibError("a candidate past the effect size needs its tensor's random control")
+    if not effect["ppl_ratio_lo"] > control["hi"]:
+        return "interval overlaps the random control"
+    return "confirmed"
+
+
+# ------------------------------------------------------------------------------------------- generation
 
 @torch.no_grad()
 def greedy(model: torch.nn.Module, prompt_ids, n_new: int = 20) -> list[int]:
@@ -181,88 +320,114 @@ def _decode(tokenizer, ids):
     return None if tokenizer is None else tokenizer.decode(ids, skip_special_tokens=False)
 
 
-def _mean_std(values: list[float]) -> dict:
-    return {"n": len(values), "mean": statistics.fmean(values) if values else None,
-            "std": statistics.stdev(values) if len(values) > 1 else None, "values": values}
-
-
-def _random_same_tensor(model, counts: dict[str, int], exclude: set, seed: int) -> Selection:
-    """counts[param] random weights of each param, none of them in `exclude`."""
-    pairs = []
-    for j, (name, m) in enumerate(counts.items()):
-        n_ex = sum(1 for p, _ in exclude if p == name)
-        cand = select_random(model, m + n_ex, seed * 1_000_003 + j, params=[name]).to_list()
-        pairs += [c for c in cand if c not in exclude][:m]
-    return Selection.from_list(pairs)
-
-
-def validate_super_weights(model: torch.nn.Module, found: list[SuperWeight], heldout_windows: torch.Tensor,
-                           n_random: int = 3, seed: int = 0, generate_prompt_ids=None, tokenizer=None,
-                           batch_size: int = 8, max_new_tokens: int = 20) -> dict:
-    """Held-out effect of zeroing each super weight alone, all jointly, all but one (leave-one-out), and
-    the same for random weights of the same tensors (`n_random` draws); greedy text before/after zeroing
-    all. The model is bit-identical afterwards."""
-    if heldout_windows is None or len(heldout_windows) == 0:
-        raise CritlibError("validating super weights needs held-out windows; set n_heldout ≥ 1")
-    base = evaluate(model, heldout_windows, batch_size, keep_logprobs=True)
-    ref = base.pop("logprobs")
-
-    def ablate(pairs) -> dict:
-        with perturbed(model, Selection.from_list(pairs), Zero()) as applied:
-            r = evaluate(model, heldout_windows, batch_size, reference=ref) if applied.n_changed else \
-                dict(base, kl=0.0)
-        return {"n_zeroed": applied.n_selected, "n_changed": applied.n_changed, "ppl": r["ppl"],
-                "ppl_ratio": r["ppl"] / base["ppl"], "accuracy": r["accuracy"], "kl": r["kl"]}
-
-    coords = [(s.param, s.flat) for s in found]
-    where = lambda s: {"param": s.param, "row": s.row, "col": s.col}  # noqa: E731
-    single = [dict(where(s), **ablate([c])) for s, c in zip(found, coords)]
-    loo = [dict(where(s), **ablate([c for c in coords if c != own])) for s, own in zip(found, coords)]
-    joint = dict(ablate(coords), weights=[where(s) for s in found]) if found else None
-
-    exclude = set(coords)
-    per_tensor = {}
-    for name in dict.fromkeys(s.param for s in found):
-        ratios = [ablate(_random_same_tensor(model, {name: 1}, exclude, seed * 7919 + d).to_list())["ppl_ratio"]
-                  for d in range(n_random)]
-        per_tensor[name] = _mean_std(ratios)
-    counts: dict[str, int] = {}
-    for s in found:
-        counts[s.param] = counts.get(s.param, 0) + 1
-    joint_random = _mean_std([ablate(_random_same_tensor(model, counts, exclude, seed * 7919 + 104729 + d)
-                                     .to_list())["ppl_ratio"] for d in range(n_random)]) if found else None
-
-    prompt = default_prompt_ids(tokenizer) if generate_prompt_ids is None else _ids(generate_prompt_ids, "cpu")
-    before = greedy(model, prompt, max_new_tokens)
-    with perturbed(model, Selection.from_list(coords), Zero()):
-        after = greedy(model, prompt, max_new_tokens)
+def generation(model, coords: list[tuple[str, int]], prompt_ids, tokenizer=None, max_new_tokens: int = 20) -> dict:
+    """Greedy text on `prompt_ids` before and after zeroing `coords` (the same text when there are none)."""
+    before = greedy(model, prompt_ids, max_new_tokens)
+    if coords:
+        with perturbed(model, Selection.from_list(coords), Zero()):
+            after = greedy(model, prompt_ids, max_new_tokens)
+    else:
+        after = list(before)
     diff = next((i for i, (a, b) in enumerate(zip(before, after)) if a != b), None)
-    prompt_list = _ids(prompt, "cpu")[0].tolist()
-    generation = {"prompt_ids": prompt_list, "prompt": _decode(tokenizer, prompt_list),
-                  "before_ids": before, "after_ids": after, "before": _decode(tokenizer, before),
-                  "after": _decode(tokenizer, after), "first_difference": diff, "n_zeroed": len(coords)}
-    return {"baseline": {k: base[k] for k in ("ppl", "nll", "accuracy", "n_tokens")}, "single": single,
-            "leave_one_out": loo, "joint": joint,
-            "random_control": {"n_draws": n_random, "single_per_tensor": per_tensor, "joint": joint_random},
-            "generation": generation}
+    prompt = _ids(prompt_ids, "cpu")[0].tolist()
+    return {"prompt_ids": prompt, "prompt": _decode(tokenizer, prompt), "before_ids": before, "after_ids": after,
+            "before": _decode(tokenizer, before), "after": _decode(tokenizer, after), "first_difference": diff,
+            "n_zeroed": len(coords)}
 
 
-def super_weight_records(found: list[SuperWeight], validation: dict | None = None, sens=None) -> list[dict]:
-    """One JSON-ready dict per super weight: where it is, its value and activations, and (with
-    `validation`) ppl ratios when zeroed alone, leave-one-out and for random same-tensor weights."""
+# ------------------------------------------------------------------------------------------- the study
+
+def super_weight_study(model: torch.nn.Module, windows: torch.Tensor, tokenizer=None,
+                       config: SuperWeightConfig = SuperWeightConfig(), store: Evaluations | None = None,
+                       batch_size: int = 8, max_iters: int = MAX_ITERS, max_new_tokens: int = 20) -> dict:
+    """Candidates, their confirmation on `windows` and the joint effects, JSON-ready (superweights.json).
+
+    Every effect comes from `store` (a new one when None; `batch_size` then sets its batches) under
+    `intervention_key(selection, Zero())` on `windows`. Per candidate: its effect alone (with a 95% interval),
+    leave-one-out (every other candidate zeroed) and its tensor's random control; `confirmed` by the rule of
+    the module docstring. `super_weights` lists the confirmed ones; `joint` zeroes them all, `joint_candidates`
+    every candidate."""
+    if windows is None or len(windows) == 0:
+        raise CritlibError("confirming super weights needs held-out windows; set n_heldout ≥ 1")
+    store = store if store is not None else Evaluations(model, batch_size, config.seed)
+    if store.model is not model:
+        raise CritlibError("the evaluation store belongs to another model; pass the store made for this one")
+    vocab = model.get_input_embeddings().num_embeddings
+    prompts = detection_prompts(tokenizer, int(config.sw_prompts), vocab)
+    ids = [p["ids"] for p in prompts]
+    base = store.baseline(windows)
+
+    candidates: list[Candidate] = []
+    effects: dict[tuple[str, int], dict] = {}
+    controls: dict[str, dict] = {}
+    verdicts: dict[tuple[str, int], str] = {}
+    rounds, profiles, stopped = [], [], f"max_iters={max_iters} reached"
+    for it in range(int(max_iters)):
+        zeroed = [c.coord for c in candidates if verdicts[c.coord] == "confirmed"]
+        seen = {c.coord for c in candidates}
+        with perturbed(model, Selection.from_list(zeroed), Zero()):
+            new = [c for c in find_candidates(model, ids, config.sw_spike_ratio, config.sw_min_activation, it,
+                                              profiles if it == 0 else None) if c.coord not in seen]
+        for c in new:
+            effects[c.coord] = _zero(store, windows, [c.coord])
+        exclude = seen | {c.coord for c in new}
+        for name in dict.fromkeys(c.param for c in new if effects[c.coord]["ppl_ratio"] >= config.sw_effect_size):
+            if name not in controls:  # the rule needs the control only past the effect size
+                controls[name] = random_control(store, windows, {name: 1}, exclude, config.sw_random_draws,
+                                                config.seed * 7919 + zlib.crc32(name.encode()) % 1_000_003)
+        for c in new:
+            verdicts[c.coord] = verdict(effects[c.coord], controls.get(c.param), config.sw_effect_size)
+        candidates += new
+        n_new = sum(verdicts[c.coord] == "confirmed" for c in new)
+        rounds.append({"iteration": it, "zeroed": [list(z) for z in zeroed], "new_candidates": len(new),
+                       "new_confirmed": n_new})
+        if not new or not n_new:
+            stopped = "no new candidate" if not new else "no new candidate confirmed"
+            break
+
+    coords = [c.coord for c in candidates]
+    confirmed = [c.coord for c in candidates if verdicts[c.coord] == "confirmed"]
+    loo = {c: _zero(store, windows, [o for o in coords if o != c]) for c in coords}
+    at = {c.coord: {"param": c.param, "row": c.row, "col": c.col, "flat": c.flat} for c in candidates}
+    joint = dict(_zero(store, windows, confirmed), weights=[at[c] for c in confirmed]) if confirmed else None
+    joint_all = dict(_zero(store, windows, coords), weights=[at[c] for c in coords]) if coords else None
+    counts: dict[str, int] = {}
+    for p, _ in confirmed:
+        counts[p] = counts.get(p, 0) + 1
+    joint_control = random_control(store, windows, counts, set(coords), config.sw_random_draws,
+                                   config.seed * 7919 + 1_000_033) if confirmed else None
+
     records = []
-    for i, s in enumerate(found):
-        r = s.as_dict()
-        r.update(ppl_ratio_when_zeroed=None, kl_when_zeroed=None, loo_ppl_ratio=None, loo_kl=None,
-                 random_ppl_ratio_mean=None, random_ppl_ratio_std=None, random_n=None)
-        if validation is not None:
-            one, loo = validation["single"][i], validation["leave_one_out"][i]
-            ctrl = validation["random_control"]["single_per_tensor"].get(s.param, {})
-            r.update(ppl_ratio_when_zeroed=one["ppl_ratio"], kl_when_zeroed=one["kl"],
-                     loo_ppl_ratio=loo["ppl_ratio"], loo_kl=loo["kl"], random_ppl_ratio_mean=ctrl.get("mean"),
-                     random_ppl_ratio_std=ctrl.get("std"), random_n=ctrl.get("n"))
-        records.append(r)
-    return rank_in_phase1(records, sens) if sens is not None else records
+    for c in candidates:
+        e, lo, ctrl = effects[c.coord], loo[c.coord], controls.get(c.param, {})
+        records.append(dict(
+            c.as_dict(), confirmed=verdicts[c.coord] == "confirmed", verdict=verdicts[c.coord],
+            ppl_ratio_when_zeroed=e["ppl_ratio"], ppl_ratio_when_zeroed_lo=e["ppl_ratio_lo"],
+            ppl_ratio_when_zeroed_hi=e["ppl_ratio_hi"], kl_when_zeroed=e.get("kl"), kl_when_zeroed_lo=e.get("kl_lo"),
+            kl_when_zeroed_hi=e.get("kl_hi"), accuracy_delta_when_zeroed=e["accuracy_delta"],
+            accuracy_delta_when_zeroed_lo=e["accuracy_delta_lo"], accuracy_delta_when_zeroed_hi=e["accuracy_delta_hi"],
+            loo_ppl_ratio=lo["ppl_ratio"], loo_ppl_ratio_lo=lo["ppl_ratio_lo"], loo_ppl_ratio_hi=lo["ppl_ratio_hi"],
+            loo_kl=lo.get("kl"), random_ppl_ratio_mean=ctrl.get("mean"), random_ppl_ratio_lo=ctrl.get("lo"),
+            random_ppl_ratio_hi=ctrl.get("hi"), random_ppl_ratio_std=ctrl.get("std"), random_n=ctrl.get("n"),
+            key=e["key"], positions_when_zeroed=e["positions"]))
+    first = prompts[0]["ids"]
+    return {
+        "candidates": records, "super_weights": [r for r in records if r["confirmed"]],
+        "n_candidates": len(records), "n_confirmed": len(confirmed),
+        "rule": {"effect_size": config.sw_effect_size, "level": LEVEL, "random_draws": int(config.sw_random_draws),
+                 "text": f"confirmed: zeroing the weight alone multiplies held-out perplexity by ≥ "
+                         f"{config.sw_effect_size:g} and the {LEVEL:.0%} interval's lower bound lies above the "
+                         f"upper bound of the random control (one random weight of the same tensor zeroed, "
+                         f"{int(config.sw_random_draws)} draws)"},
+        "iterations": rounds, "stopped": stopped, "joint": joint, "joint_candidates": joint_all,
+        "random_control": {"single_per_tensor": controls, "joint": joint_control},
+        "baseline": {k: base[k] for k in ("ppl", "nll", "accuracy", "n_tokens")} | {
+            "window_set": window_set(windows), "n_windows": len(windows)},
+        "generation": generation(model, confirmed, first, tokenizer, max_new_tokens),
+        "detection": {"prompts": prompts, "spike_ratio": config.sw_spike_ratio,
+                      "min_activation": config.sw_min_activation, "max_iters": int(max_iters),
+                      "profile": profiles[0] if profiles else [], "profiles": profiles},
+    }
 
 
 def rank_in_phase1(records: list[dict], sens) -> list[dict]:
@@ -270,21 +435,3 @@ def rank_in_phase1(records: list[dict], sens) -> list[dict]:
     ranks = {m: {(n, f): r for r, (n, f, _) in enumerate(sens.global_top(m), 1)} for m in sens.metrics}
     return [dict(rec, **{f"rank_{m}": ranks[m].get((rec["param"], rec["flat"])) for m in sens.metrics})
             for rec in records]
-
-
-def super_weight_study(model: torch.nn.Module, heldout_windows: torch.Tensor, tokenizer=None, seed: int = 0,
-                       batch_size: int = 8, threshold: float = THRESHOLD, max_iters: int = 10, n_random: int = 3,
-                       max_new_tokens: int = 20) -> dict:
-    """Detection on the default prompt and validation on `heldout_windows`, JSON-ready (superweights.json)."""
-    prompt = default_prompt_ids(tokenizer)
-    profile = activation_profile(model, prompt)
-    found = find_super_weights(model, prompt, threshold, max_iters)
-    val = validate_super_weights(model, found, heldout_windows, n_random, seed, prompt, tokenizer, batch_size,
-                                 max_new_tokens)
-    return {"super_weights": super_weight_records(found, val), "joint": val["joint"],
-            "leave_one_out": val["leave_one_out"], "generation": val["generation"],
-            "random_control": val["random_control"], "baseline": val["baseline"],
-            "detection": {"prompt_ids": prompt[0].tolist(), "prompt": _decode(tokenizer, prompt[0].tolist()),
-                          "threshold": threshold, "max_iters": max_iters,
-                          "profile": [dict(dataclasses.asdict(b), spike_ratio=r)
-                                      for b, r in zip(profile, spike_ratios(profile))]}}
