@@ -21,7 +21,15 @@ after --warmup runs. Stages:
   digest    no model pass: every weight with a random gradient of its shape, scored, ranked and summarised
             (i) by plain torch (score, per-tensor torch.topk, per-tensor moments), (ii) by critlib's path
             (score tensor, critlib.rank.TopK, critlib.stats.Stats), (iii) by the fused kernel
-            (critlib.kernels.fused: one read of weight and gradient), against the time of one read of both
+            (critlib.kernels.fused: one read of weight and gradient), against the time of one read of both;
+            (iv) by the multi-tensor pass (critlib.kernels.multi, issue 14): pass 1 alone, with the statistics
+            merged and the global top-K, and with pass 2 (exact percentiles and top shares); its Triton launches
+            and copies to the host per pass; its histogram pre-aggregated / one atomic per score / absent; and
+            analyze's batching (kernels.multi.Pass1, tensors handed in one at a time) at several budgets
+  fisher_passes  plain PyTorch: the fisher stage's passes alone (--fisher-batch sequences, one forward+backward
+            each), and the same with the fp32 accumulation of each sequence's g² (not in the default stages)
+  phase1_disk  `critlib score` end to end, default settings, from safetensors on local disk: the preset is saved
+            once to --disk-dir (not timed); --drop-page-cache (root) makes loading read the disk (not a default stage)
 """
 
 from __future__ import annotations
@@ -105,6 +113,8 @@ def worker(args) -> dict:
         torch.set_num_threads(args.threads)
     stage = args.worker
     rec: dict = {"stage": stage}
+    if stage == "phase1_disk":
+        args.model, rec["page_cache_dropped"] = _saved(args), args.drop_page_cache and _drop_page_cache()
     if stage.startswith("phase1"):
         return _phase1(args, rec)
     t = time.perf_counter()
@@ -126,6 +136,8 @@ def worker(args) -> dict:
         ids = torch.randint(0, vocab, (args.fisher_batch, args.seq_len),
                             generator=torch.Generator().manual_seed(0)).to(dev)
         rec["fisher_sequences"] = args.fisher_batch
+    if stage == "fisher_passes":
+        return _fisher_passes(args, rec, model, params, vocab, dev)
     if stage == "plain":
         n_total = ids.shape[0] * (ids.shape[1] - 1)
 
@@ -199,7 +211,10 @@ def worker(args) -> dict:
         return run
 
     from critlib.stats import Stats
-    for name in ("_feed", "_add_cell", "block_partials", "block_topk", "reduce_partials"):
+    from critlib.kernels import multi
+    for name in ("add", "finish"):  # analyze's fused pass 1: tensors batched into multi-tensor passes
+        setattr(multi.Pass1, name, timing(getattr(multi.Pass1, name)))
+    for name in ("_feed", "_add_cell"):
         setattr(sensitivity, name, timing(getattr(sensitivity, name)))
     for cls, name in ((sensitivity.TopK, "add"), (sensitivity.TopK, "add_candidates"), (Stats, "merge")):
         setattr(cls, name, timing(getattr(cls, name)))
@@ -209,6 +224,7 @@ def worker(args) -> dict:
 
     def run():
         spent["rank_stats_s"] = spent["rank_stats_cpu_s"] = 0.0
+        multi.COUNTS.clear()
         with memory_saving(model, checkpointing=low, sparse_embedding=low):
             sensitivity.analyze(model, ids, [metric], topk_global=k, topk_per_layer=kt, batch_size=ids.shape[0],
                                 exact_stats=stage == "twopass", chunk_size=args.chunk, progress=False,
@@ -218,6 +234,7 @@ def worker(args) -> dict:
     rec["analyze_s"], rec["analyze_runs"], _ = _timed(run, dev, args.warmup, args.repeats, "analyze")
     rec["rank_stats_s"] = spent["rank_stats_s"]  # of the last run
     rec["rank_stats_cpu_s"] = spent["rank_stats_cpu_s"]
+    rec["multi_counts"] = dict(multi.COUNTS)  # of the last run: Triton launches and copies to the host
     rec["cpu_s"] = dict(CPU_S)
     rec["peak"] = _peak(dev)
     return rec
@@ -289,9 +306,134 @@ def _digest(args, rec: dict, params, dev, k: int, kt: int) -> dict:
         triton_fused.COPIES, triton_fused.HIST = default, False
         rec["kernel_partials_nohist_s"], _, _ = _timed(partials_only, dev, 1, args.repeats, "nohist")
         triton_fused.HIST = True
+    if dev.type == "cuda" or args.kernel_on_cpu:
+        rec.update(_digest_multi(args, params, grads, dev, k, kc))
     rec["peak"] = _peak(dev)
     rec["cpu_s"] = dict(CPU_S)
     return rec
+
+
+def _digest_multi(args, params, grads, dev, k: int, kc: int) -> dict:
+    """The multi-tensor pass (critlib.kernels.multi) over every weight and its random gradient, as analyze
+    uses it, against the same read and the same plain PyTorch as the rest of the digest."""
+    from critlib.kernels import Backend, multi, resolve_backend
+    from critlib.kernels import score as kernel_score
+    from critlib.rank import TopK
+    from critlib.sensitivity import _groups, _unsplit
+    from critlib.stats import Stats
+    backend = resolve_backend("auto", dev)
+    names = [n for n, _ in params]
+    ws = [p.detach() for _, p in params]
+    from critlib.layout import parts_of
+    groups = {n: _unsplit(_groups(n, parts_of(n, tuple(p.shape)))) or ["global"] for n, p in params}  # as analyze
+    rec: dict = {}
+
+    def pass1_only():  # the launches alone, results left on the device
+        return multi.pass1(ws, grads, "grad_x_weight", kc, backend).keys
+
+    def pass1_to_host():  # and every tensor's top-k on the host (the one copy)
+        return multi.pass1(ws, grads, "grad_x_weight", kc, backend).topk()
+
+    def batch(budget):  # what analyze does: tensors handed in one at a time, statistics and top-K kept
+        def run():
+            top, st = TopK(kc, args.chunk), Stats(args.chunk)
+            metric = "grad_x_weight"
+            b = multi.Pass1(kc, backend, {metric: st}, {metric: top}, groups.__getitem__, budget=budget)
+            for n, w, g in zip(names, ws, grads):
+                b.add(metric, n, w, g)
+            b.finish()
+            return top, st
+        return run
+
+    def path(two_pass):  # scores + exact per-tensor and global top-K + statistics (pass 2: exact percentiles)
+        def run():
+            top, st = batch(1 << 62)()
+            top.global_topk(k, names)
+            if two_pass:  # as analyze's fused2: scores a slice at a time, counted into the wanted bins
+                st.start_refine()
+                for n, w, g in zip(names, ws, grads):
+                    wf, gf = w.reshape(-1), g.reshape(-1)
+                    for s in range(0, wf.numel(), 1 << 26):
+                        st.add(groups[n], kernel_score(wf[s:s + (1 << 26)], gf[s:s + (1 << 26)], "grad_x_weight"))
+            return st.summary()
+        return run
+
+    steps = [("multi_pass1", pass1_only), ("multi_pass1_to_host", pass1_to_host),
+             ("critlib_multi_path", path(False)), ("critlib_multi_two_pass", path(True))]
+    steps += [(f"multi_batch_2e{b}", batch(1 << b)) for b in (27, 29, 31)]
+    for name, fn in steps:
+        multi.COUNTS.clear()
+        rec[name + "_s"], _, _ = _timed(fn, dev, args.warmup, args.repeats, name)
+        runs = args.warmup + args.repeats
+        rec[name + "_counts"] = {key: v / runs for key, v in multi.COUNTS.items()}  # per call
+    if backend is Backend.TRITON:  # the histogram: 2 pre-aggregated per program, 1 an atomic per score, 0 none
+        from critlib.kernels import triton_multi
+        default = triton_multi.HIST
+        for mode in (2, 1, 0):
+            triton_multi.HIST = mode
+            rec[f"multi_pass1_hist{mode}_s"], _, _ = _timed(pass1_only, dev, 1, args.repeats, f"hist{mode}")
+        triton_multi.HIST = default
+    return rec
+
+
+def _fisher_passes(args, rec: dict, model, params, vocab: int, dev) -> dict:
+    """The fisher stage's forward+backward passes in plain PyTorch: one per sequence, alone and with the fp32
+    accumulation of g² (what Fisher costs before any ranking or statistics)."""
+    import torch
+
+    from critlib.scores import token_loss_sum
+    n = args.fisher_batch or args.batch
+    ids = torch.randint(0, vocab, (n, args.seq_len), generator=torch.Generator().manual_seed(0)).to(dev)
+    rec["fisher_sequences"] = n
+
+    def passes(accumulate):
+        acc = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in params} \
+            if accumulate else {}
+
+        def run():
+            for seq in ids.split(1):
+                for _, p in params:
+                    p.grad = None
+                with torch.enable_grad():
+                    (token_loss_sum(model, seq) / seq.numel()).backward()
+                for name, p in params if accumulate else ():
+                    if p.grad is not None:
+                        acc[name].addcmul_(p.grad, p.grad)
+        return run
+
+    for _, p in params:
+        p.requires_grad_(True)
+    rec["fwd_bwd_s"], rec["fwd_bwd_runs"], _ = _timed(passes(False), dev, args.warmup, args.repeats, "passes")
+    rec["fwd_bwd_peak"] = _peak(dev)
+    rec["passes_fp32_sum_s"], _, _ = _timed(passes(True), dev, args.warmup, args.repeats, "passes_fp32_sum")
+    rec["peak"] = _peak(dev)
+    rec["cpu_s"] = dict(CPU_S)
+    return rec
+
+
+def _saved(args) -> str:
+    """The preset `args.model` saved as safetensors in --disk-dir (made once, not timed)."""
+    import torch
+
+    from critlib.models import load_model
+    path = Path(args.disk_dir) / f"{args.model}_{args.dtype}"
+    if not (path / "config.json").exists():
+        model = load_model(args.model, args.dtype, args.device, seed=0).model
+        model.save_pretrained(path, safe_serialization=True)
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return str(path)
+
+
+def _drop_page_cache() -> bool:
+    """Drop the kernel's page cache (root only), so loading reads the disk; False where not allowed."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
 
 
 def _phase1(args, rec: dict) -> dict:
@@ -359,6 +501,8 @@ def main() -> None:
     ap.add_argument("--topk-global", type=int, default=1000)
     ap.add_argument("--topk-per-layer", type=int, default=100)
     ap.add_argument("--chunk", type=int, default=1 << 30)
+    ap.add_argument("--disk-dir", default="/tmp/critlib_bench_models", help="phase1_disk: where the preset is saved")
+    ap.add_argument("--drop-page-cache", action="store_true", help="phase1_disk: drop the page cache first (root)")
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)

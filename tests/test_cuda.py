@@ -106,3 +106,70 @@ def test_fused_pass_on_cuda_equals_score_tensors(windows):
         assert got.global_top(m) == ref.global_top(m)
         assert got.stats[m]["global"]["percentiles"] == ref.stats[m]["global"]["percentiles"]
         assert got.stats[m]["global"]["std"] == pytest.approx(ref.stats[m]["global"]["std"], rel=1e-9)
+
+
+# the multi-tensor pass 1 (critlib.kernels.multi, issue 14), compiled
+
+@pytest.mark.parametrize("hist", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_multi_pass1_on_cuda_equals_torch_on_cpu(dtype, hist, monkeypatch):
+    """Many tensors of awkward sizes, each its own allocation, in one launch set: statistics rows,
+    histograms and exact top-k equal the per-tensor torch path on the CPU (histogram per score or
+    pre-aggregated per program)."""
+    from critlib.kernels import multi, triton_multi
+    monkeypatch.setattr(triton_multi, "HIST", hist)
+    gen = torch.Generator().manual_seed(7)
+    sizes = [1, 13, 67, 1025, 4097, 1_000_003] + torch.randint(1, 5000, (50,), generator=gen).tolist()
+    ws = [(torch.randn(n, generator=gen) * 0.05).to(dtype) for n in sizes]
+    gs = [(torch.randn(n, generator=gen) * 1e-3).to(dtype) for n in sizes]
+    ws[2] = torch.full((67,), 0.5, dtype=dtype)  # all equal: ties throughout
+    for metric in ("grad_x_weight", "grad_squared", "magnitude"):
+        ref = multi.pass1(ws, gs, metric, 100, "torch")
+        got = multi.pass1([w.cuda() for w in ws], [g.cuda() for g in gs], metric, 100, "triton")
+        assert torch.equal(got.hist.cpu(), ref.hist), metric
+        assert torch.equal(got.keys.cpu(), ref.keys), metric
+        assert torch.equal(got.rows[:, [0, 3, 4]].cpu(), ref.rows[:, [0, 3, 4]]), metric
+        torch.testing.assert_close(got.rows[:, 1:3].cpu(), ref.rows[:, 1:3], rtol=1e-10, atol=1e-300)
+
+
+def test_multi_pass1_waits_on_the_device_only_at_the_end():
+    """analyze's batching: tensors handed in one at a time, several multi-tensor passes, statistics merged;
+    no operation waits on the device (torch's sync debug mode raises on any) until `finish`'s one copy."""
+    from critlib.kernels import multi
+    from critlib.rank import TopK
+    gen = torch.Generator().manual_seed(8)
+    sizes = torch.randint(1, 300_000, (60,), generator=gen).tolist()
+    ws = [(torch.randn(n, generator=gen) * 0.05).bfloat16().cuda() for n in sizes]
+    gs = [(torch.randn(n, generator=gen) * 1e-3).bfloat16().cuda() for n in sizes]
+    multi.pass1(ws[:3], gs[:3], "grad_x_weight", 100, "triton")  # compile outside the check
+    torch.cuda.synchronize()
+    stats, top = {"grad_x_weight": Stats()}, {"grad_x_weight": TopK(100)}
+    batch = multi.Pass1(100, "triton", stats, top, lambda name: ["global", f"layer:{int(name) % 4}"],
+                        budget=1 << 22)
+    multi.COUNTS.clear()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for t, (w, g) in enumerate(zip(ws, gs)):
+            batch.add("grad_x_weight", str(t), w, g)
+        batch.flush()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    passes = len(batch.done)
+    assert passes >= 2 and multi.COUNTS["launches"] <= 4 * passes and multi.COUNTS["to_host"] == 0
+    batch.finish()
+    assert multi.COUNTS["to_host"] == 1
+    ref = multi.pass1([w.cpu() for w in ws], [g.cpu() for g in gs], "grad_x_weight", 100, "torch")
+    for t, (v, i) in enumerate(ref.topk()):
+        got_v, got_i = top["grad_x_weight"].candidates[str(t)]
+        assert torch.equal(got_v, v) and torch.equal(got_i, i), t
+    assert stats["grad_x_weight"].summary()["global"]["count"] == sum(sizes)
+
+
+def test_fused_analyze_on_cuda_uses_few_launches(windows):
+    """analyze's fused pass 1 on CUDA: a few Triton launches per multi-tensor pass, one copy to the host."""
+    from critlib.kernels import multi
+    model = tiny("tiny-llama").cuda()
+    multi.COUNTS.clear()
+    analyze(model, windows, ["grad_x_weight", "grad_squared"], topk_global=40, topk_per_layer=5,
+            progress=False, exact_stats=False, kernel="triton")
+    assert multi.COUNTS["to_host"] == 1 and multi.COUNTS["launches"] <= 8, multi.COUNTS

@@ -136,31 +136,34 @@ def pass1(ws: list[torch.Tensor], gs: list[torch.Tensor | None] | None, metric: 
     hist = torch.zeros((n_slots, N_BINS), dtype=torch.int64, device=dev)
     if backend is Backend.TORCH:
         return _reference(ws, gs, metric, k, slots, hist, block, sizes)
-    rows = torch.empty((T, 5), dtype=torch.float64, device=dev)
-    keys = torch.empty((T, k), dtype=torch.int64, device=dev)
     wf = [w.detach().reshape(-1) for w in ws]
     gf = [None if g is None else g.detach().reshape(-1) for g in gs]
     groups: dict = {}
     for t, (w, g) in enumerate(zip(wf, gf)):  # one launch group per (weight dtype, gradient dtype)
         if w.numel():
             groups.setdefault((w.dtype, None if g is None else g.dtype), []).append(t)
-    rows[:] = torch.tensor(EMPTY_ROW, dtype=torch.float64)
-    keys.fill_(KEY_PAD)
+    if len(groups) == 1 and len(next(iter(groups.values()))) == T:  # the usual case: one group of all
+        rows, keys = _triton_group(wf, gf, metric, k, slots, hist, block, sub)
+        return Multi(rows, hist, keys, sizes)
+    rows = _empty_rows(T, dev)
+    keys = torch.full((T, k), KEY_PAD, dtype=torch.int64, device=dev)
     for members in groups.values():
         r, kk = _triton_group([wf[t] for t in members], [gf[t] for t in members], metric, k,
                               [slots[t] for t in members], hist, block, sub)
-        if len(members) == T:
-            rows, keys = r, kk
-        else:
-            at = _to_device(np.array(members, dtype=np.int64), dev)
-            rows.index_copy_(0, at, r)
-            keys.index_copy_(0, at, kk)
+        at = _to_device(np.array(members, dtype=np.int64), dev)
+        rows.index_copy_(0, at, r)
+        keys.index_copy_(0, at, kk)
     return Multi(rows, hist, keys, sizes)
+
+
+def _empty_rows(n: int, device: torch.device) -> torch.Tensor:
+    """n rows of EMPTY_ROW, made on the device (a blocking copy from the host would wait on it)."""
+    return _to_device(np.array([EMPTY_ROW] * n, dtype=np.float64).reshape(n, 5), device)
 
 
 def _reference(ws, gs, metric, k, slots, hist, block, sizes) -> Multi:
     """The per-tensor torch path, arranged as the Triton one."""
-    rows = torch.tensor([EMPTY_ROW] * len(ws), dtype=torch.float64, device=hist.device)
+    rows = _empty_rows(len(ws), hist.device)
     keys = torch.full((len(ws), k), KEY_PAD, dtype=torch.int64, device=hist.device)
     for t, (w, g) in enumerate(zip(ws, gs)):
         if not w.numel():
@@ -267,7 +270,8 @@ def _triton_group(ws, gs, metric, k, slots, hist, block, sub) -> tuple[torch.Ten
         chosen = torch.where(best == KEY_PAD, -1, best & 0xFFFFFFFF)
         ekey = torch.empty((t1 - t0, KS * sub), dtype=torch.int64, device=dev)
         _launch(tm._gather, (t1 - t0, -(-KS // tm.ROWS)), w_base, g_base, w_off_d[t0:], g_off_d[t0:],
-                n_d[t0:], start_d[t0:], chosen, ekey, KS, ALIGN=align, METRIC=tm.CODES[metric], SUB=sub, NS=ns, ROWS=tm.ROWS)
+                n_d[t0:], start_d[t0:], chosen, ekey, KS, ALIGN=align, METRIC=tm.CODES[metric], SUB=sub, NS=ns,
+                ROWS=tm.ROWS)
         kout = min(k, KS * sub)
         keys[t0:t1, :kout] = torch.topk(ekey, kout, dim=1, largest=False, sorted=True).values
     return rows, keys
@@ -355,19 +359,23 @@ def merge_groups(stats, tensor_groups: list[list[str]], rows: torch.Tensor, hist
     at = {g: j for j, g in enumerate(names)}
     for t, gs in enumerate(tensor_groups):
         member[[at[g] for g in gs], t] = 1.0
+    dev = rows.device
     if len(tensor_groups) == 1:
         for g in names:
-            stats.groups.setdefault(g, _group()).merge(rows.reshape(1, 5), hist.reshape(-1))
+            _group(stats, g, dev).merge(rows.reshape(1, 5), hist.reshape(-1))
         return
-    m = _to_device(member, rows.device)
+    m = _to_device(member, dev)
     counts = (m @ hist.double()).long()
-    empty = torch.tensor(EMPTY_ROW, dtype=torch.float64, device=rows.device)
-    per_group = torch.where(m[..., None] > 0, rows, empty)  # [groups, T, 5]
+    per_group = torch.where(m[..., None] > 0, rows, _empty_rows(1, dev))  # [groups, T, 5]
     for j, g in enumerate(names):
-        stats.groups.setdefault(g, _group()).merge(per_group[j], counts[j])
+        _group(stats, g, dev).merge(per_group[j], counts[j])
 
 
-def _group():
-    from ..stats import Group
-    return Group()
+def _group(stats, name: str, device: torch.device):
+    """`stats`' group `name`, a new one with its histogram on `device` (else its first merge would copy it
+    there from the host, and wait)."""
+    if name not in stats.groups:
+        from ..stats import Group
+        stats.groups[name] = Group(hist_count=torch.zeros(N_BINS, dtype=torch.int64, device=device))
+    return stats.groups[name]
 
