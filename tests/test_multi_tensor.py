@@ -286,6 +286,24 @@ def test_pass1_batch_waits_once_per_pass(counted, hist_mode):
         assert got["count"] == sum(w.numel() for w in ws)
 
 
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gpt2"])
+def test_analyze_pass1_launches_and_waits(arch, counted, monkeypatch, windows):
+    """analyze's fused pass 1, two metrics, 20 or 28 tensors: three Triton launches per metric, no operation
+    that waits on the device while the batched passes run, and one copy to the host."""
+    from critlib.sensitivity import analyze
+    from tests.conftest import tiny
+    flush = multi.Pass1.flush
+
+    def watched(self):
+        with counted:
+            flush(self)
+    monkeypatch.setattr(multi.Pass1, "flush", watched)
+    analyze(tiny(arch), windows, ["grad_x_weight", "grad_squared"], topk_global=30, topk_per_layer=5,
+            progress=False, kernel="triton", exact_stats=False)
+    assert multi.COUNTS == Counter(launches=6, to_host=1), multi.COUNTS
+    assert counted.ops and not counted.syncing
+
+
 def test_pass1_batch_refuses_nonfinite_scores(hist_mode):
     ws, gs = _data([13, 200], torch.float32)
     gs[1][50] = float("nan")

@@ -12,6 +12,9 @@ elements (a multiple of `block`), so 32-bit offsets never overflow.
 
 Backends: TRITON (a Triton kernel; CUDA, or the CPU interpreter with TRITON_INTERPRET=1) and TORCH (plain
 torch: the reference and the CPU fallback). AUTO picks Triton on a CUDA tensor when Triton is installed.
+
+`multi` does the same for many tensors at once (one grid over all their blocks, the top-k candidates found
+on the device, one copy to the host at the end); `critlib.sensitivity.analyze` uses it for pass 1.
 """
 
 from __future__ import annotations

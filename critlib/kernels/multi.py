@@ -42,6 +42,9 @@ SUB = 32  # scores per sub-block: the top-k is ranked among ≤ k·SUB scores of
 MAX_NUMEL = 1 << 32  # flat indices share an int64 key with a 32-bit value
 KEY_PAD = torch.iinfo(torch.int64).max  # a key after every real one
 STAGE = 1 << 25  # candidate keys (int64) per batched top-k: tensors are taken this many at a time
+# elements `Pass1` lets wait (holding their gradients) before a pass with Triton: 1 GiB of bf16 gradients, ≈ 15
+# passes over the Llama-3.1-8B shape; more waiting memory, fewer passes (bench/bench_phase1.py's digest times them)
+BUDGET = 1 << 29
 COUNTS: Counter = Counter()  # Triton launches and copies to the host, for the tests and benchmarks
 
 
@@ -281,8 +284,8 @@ class Pass1:
     """Pass 1 of `critlib.sensitivity.analyze` for the tensors the fused kernels score, batched.
 
     The gradient hooks hand in one tensor at a time (`add`); the tensors wait, holding their gradients,
-    until `budget` elements are queued (default 2**29 with Triton: 1 GiB of bf16 gradients; the torch
-    path runs each at once), then one `pass1` runs over all of them (`flush`). Its statistics are merged
+    until `budget` elements are queued (default BUDGET with Triton; the torch path runs each at once), then
+    one `pass1` runs over all of them (`flush`). Its statistics are merged
     into `stats` on the device at once (`merge_groups`), its top-k keys stay on the device; `finish`
     flushes and brings every tensor's top-k and statistics row to the host in one copy, refuses
     non-finite scores (a NaN or inf gradient), and keeps the top-k in `topk`.
@@ -309,7 +312,7 @@ class Pass1:
         self.queued += w.numel()
         budget = self.budget
         if budget is None:
-            budget = 1 << 29 if self.backend is Backend.TRITON else 0
+            budget = BUDGET if self.backend is Backend.TRITON else 0
         if self.queued >= budget:
             self.flush()
 
