@@ -161,6 +161,41 @@ def test_views_strided_and_2d_tensors(hist_mode):
     _check_against_numpy(got, ws, gs, "grad_x_weight", 10)
 
 
+COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from critlib.bins import N_BINS
+from critlib.kernels import multi, triton_multi as tm
+
+def compile_(fn, types, constexprs):
+    sig = {a: types.get(a, "constexpr" if a in constexprs else "*i64") for a in fn.arg_names}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+
+data = {"w_base": "*bf16", "g_base": "*bf16", "T": "i32", "KS": "i32"}
+stats = {"sum_ptr": "*fp64", "m2_ptr": "*fp64", "min_ptr": "*fp32", "max_ptr": "*fp32", "sub_ptr": "*fp32",
+         "sum_out": "*fp64", "m2_out": "*fp64", "min_out": "*fp32", "max_out": "*fp32"}
+for hist in (2, 1):
+    k = compile_(tm._pass1, {**data, **stats}, dict(LOG=12, ALIGN=16, METRIC=0, BLOCK=multi.BLOCK, SUB=multi.SUB,
+                                                    NBINS=N_BINS, HIST=hist))
+    assert "atom" in k.asm["ptx"]
+compile_(tm._gather, data, dict(ALIGN=16, METRIC=1, SUB=multi.SUB, NS=multi.BLOCK // multi.SUB, ROWS=tm.ROWS))
+compile_(tm._segreduce, stats, dict(TILE=tm.TILE))
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_an_h200():
+    """The interpreter runs what the compiler would refuse (a global that is not a constexpr, say): every
+    kernel compiled for sm_90 (an H200) on the CPU, as a GPU compiles it on first use (no interpreter: a
+    fresh process; the CUDA backend and its ptxas ship with the triton wheel)."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
 def test_errors():
     with pytest.raises(CritlibError, match="no fused kernel"):
         multi.pass1([torch.ones(3)], [torch.ones(3)], "fisher", 2, "torch")

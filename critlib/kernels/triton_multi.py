@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 CODES = {"grad_x_weight": 0, "grad_squared": 1, "magnitude": 2, "score": 3}
-BIG = 0x7FFFFFFF  # sorts after every bin number
+BIG = tl.constexpr(0x7FFFFFFF)  # sorts after every bin number
 
 
 @triton.jit
