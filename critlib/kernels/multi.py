@@ -285,10 +285,10 @@ class Pass1:
 
     The gradient hooks hand in one tensor at a time (`add`); the tensors wait, holding their gradients,
     until `budget` elements are queued (default BUDGET with Triton; the torch path runs each at once), then
-    one `pass1` runs over all of them (`flush`). Its statistics are merged
-    into `stats` on the device at once (`merge_groups`), its top-k keys stay on the device; `finish`
-    flushes and brings every tensor's top-k and statistics row to the host in one copy, refuses
-    non-finite scores (a NaN or inf gradient), and keeps the top-k in `topk`.
+    one `pass1` runs over all of them (`flush`), leaving its results on the device. `finish` flushes, brings
+    every tensor's top-k and statistics row to the host in one copy, refuses non-finite scores (a NaN or inf
+    gradient), keeps the top-k in `topk` and merges the statistics into `stats` (`merge_groups`: rows on the
+    host, histograms on the device, where a pass left them).
 
     `groups(name)` names the statistics groups of a tensor, `cell(metric, name, numel, total)` gets each
     tensor's float64 sum (a 0-d tensor on the device)."""
@@ -300,12 +300,15 @@ class Pass1:
         self.budget = budget
         self.queue: dict[str, list] = {}
         self.queued = 0
-        self.done: list[tuple[str, list[str], list[int], torch.Tensor, torch.Tensor]] = []
+        self.done: list[tuple[str, list[str], Multi]] = []
 
     def add(self, metric: str, name: str, w: torch.Tensor, g: torch.Tensor | None) -> None:
         if w.numel() > MAX_NUMEL:  # beyond 32-bit indices: the per-tensor path, now
             p = block_partials(w, g, metric, self.backend)
-            self._merge(metric, [name], [w.numel()], reduce(p).reshape(1, 5), p.hist_count.reshape(1, -1))
+            row = reduce(p).reshape(1, 5)
+            merge_groups(self.stats[metric], [self.groups(name)], row, p.hist_count.reshape(1, -1))
+            if self.cell is not None:
+                self.cell(metric, name, w.numel(), row[0, 1])
             self.topk[metric].add_candidates(name, *block_topk(w, g, metric, p.max, p.block, self.k))
             return
         self.queue.setdefault(metric, []).append((name, w, g))
@@ -320,56 +323,58 @@ class Pass1:
         for metric, items in self.queue.items():
             names = [n for n, _, _ in items]
             m = pass1([w for _, w, _ in items], [g for _, _, g in items], metric, self.k, self.backend)
-            self._merge(metric, names, m.sizes, m.rows, m.hist)
-            self.done.append((metric, names, m.sizes, m.keys, m.rows))
+            if self.cell is not None:
+                for j, name in enumerate(names):
+                    self.cell(metric, name, m.sizes[j], m.rows[j, 1])
+            self.done.append((metric, names, m))
         self.queue, self.queued = {}, 0
-
-    def _merge(self, metric, names, sizes, rows, hist) -> None:
-        tensor_groups = [self.groups(n) for n in names]
-        merge_groups(self.stats[metric], tensor_groups, rows, hist)
-        if self.cell is not None:
-            for j, name in enumerate(names):
-                self.cell(metric, name, sizes[j], rows[j, 1])
 
     def finish(self) -> None:
         self.flush()
         if not self.done:
             return
         k = self.k
-        # keys and statistics rows (their bits) of every flush, one copy to the host
-        host = to_host(torch.cat([torch.cat([keys, rows.view(torch.int64)], 1).reshape(-1)
-                                  for _, _, _, keys, rows in self.done]))
+        # keys and statistics rows (their bits) of every pass, one copy to the host
+        host = to_host(torch.cat([torch.cat([m.keys, m.rows.view(torch.int64)], 1).reshape(-1)
+                                  for _, _, m in self.done]))
         at = 0
-        for metric, names, sizes, _, _ in self.done:
+        for metric, names, m in self.done:
             block = host[at:at + len(names) * (k + 5)].view(len(names), k + 5)
             at += block.numel()
-            sums = block[:, k + 1].view(torch.float64)
-            bad = [n for n, s in zip(names, sums.tolist()) if not math.isfinite(s)]
+            rows = block[:, k:].view(torch.float64)
+            bad = [n for n, s in zip(names, rows[:, 1].tolist()) if not math.isfinite(s)]
             if bad:
                 raise CritlibError(f"the gradient of {bad[0]} has NaN or inf values (its {metric} scores are not "
                                    "finite); use dtype fp32, check the weights for NaN/inf, or try other data")
-            for name, (v, i) in zip(names, split_topk(block[:, :k], sizes)):
+        at = 0
+        for metric, names, m in self.done:
+            block = host[at:at + len(names) * (k + 5)].view(len(names), k + 5)
+            at += block.numel()
+            merge_groups(self.stats[metric], [self.groups(n) for n in names], block[:, k:].view(torch.float64),
+                         m.hist)
+            for name, (v, i) in zip(names, split_topk(block[:, :k], m.sizes)):
                 self.topk[metric].add_candidates(name, v, i)
         self.done = []
 
 
 def merge_groups(stats, tensor_groups: list[list[str]], rows: torch.Tensor, hist: torch.Tensor) -> None:
-    """`stats.merge(tensor_groups[t], rows[t], hist[t])` for every tensor t, in a few launches for all of
+    """`stats.merge(tensor_groups[t], rows[t], hist[t])` for every tensor t, in a few operations for all of
     them: per group, the histogram the sum of its tensors' (one float64 matmul, exact below 2**53) and the
-    rows its tensors' rows (the others made empty rows, which merge as nothing)."""
+    rows its tensors' rows (the others made empty rows, which merge as nothing). `rows` may be on the host
+    and `hist` on the device."""
     names = sorted(set().union(*tensor_groups))
     member = np.zeros((len(names), len(tensor_groups)), dtype=np.float64)
     at = {g: j for j, g in enumerate(names)}
     for t, gs in enumerate(tensor_groups):
         member[[at[g] for g in gs], t] = 1.0
-    dev = rows.device
+    dev = hist.device
     if len(tensor_groups) == 1:
         for g in names:
             _group(stats, g, dev).merge(rows.reshape(1, 5), hist.reshape(-1))
         return
-    m = _to_device(member, dev)
-    counts = (m @ hist.double()).long()
-    per_group = torch.where(m[..., None] > 0, rows, _empty_rows(1, dev))  # [groups, T, 5]
+    counts = (_to_device(member, dev) @ hist.double()).long()
+    m = _to_device(member, rows.device)
+    per_group = torch.where(m[..., None] > 0, rows, _empty_rows(1, rows.device))  # [groups, T, 5]
     for j, g in enumerate(names):
         _group(stats, g, dev).merge(per_group[j], counts[j])
 
