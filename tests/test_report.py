@@ -197,8 +197,10 @@ def test_failing_cell_exits_nonzero_and_keeps_the_previous_report(tiny_report, c
 
 
 def test_rerun_one_phase_keeps_the_others(tiny_report, tmp_path, capfd):
+    from critlib.run import cache
     out = tmp_path / "again"
     shutil.copytree(tiny_report, out)
+    shutil.copytree(cache.home(tiny_report), cache.home(out))  # the run's cache lives beside its folder
     before = _digest(out)
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
