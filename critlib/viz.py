@@ -686,7 +686,9 @@ def bitflip_damage(single: pd.DataFrame) -> go.Figure:
             hovertemplate=(f"<b>%{{x}}</b> bit {bit} ({kind})<br>%{{customdata[0]}}<br>"
                            "value %{customdata[1]:.4g} → %{customdata[2]:.4g}<br>ppl %{customdata[3]:.5g} "
                            "(ratio %{y:.4g}), KL %{customdata[4]:.3g}<extra></extra>")))
-    fig.update_yaxes(type="log", title="held-out perplexity ratio (flipped / intact)")
+    low = min([v for v in _finite(t["ppl_ratio"]) if v is not None and v > 0] + [1.0])
+    fig.update_yaxes(type="log", title="held-out perplexity ratio (flipped / intact)",  # a ratio of 1 stays visible
+                     range=[math.log10(low / 2), math.log10(ceil) + 0.05])
     fig.update_xaxes(title="selector #rank (its rank-th weight)", tickangle=-40)
     fig.update_layout(barmode="group", title="One flipped bit: damage per weight and bit position", height=480)
     return fig
@@ -700,7 +702,8 @@ def flips_to_break_bars(breaks: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
     damage = breaks[breaks["order"] == "damage"]
     rnd = breaks[breaks["order"] != "damage"]
-    kind_color = {"metric": PALETTE[0], "baseline": PALETTE[7], "combined": PALETTE[3]}
+    cmap = colors(s for s in damage["selector"] if s != "all")  # each selector's colour on every page
+    cmap["all"] = "#555555"
 
     def height(r):
         return (int(r["n_flips"]), str(int(r["n_flips"]))) if not pd.isna(r["n_flips"]) else \
@@ -712,7 +715,7 @@ def flips_to_break_bars(breaks: pd.DataFrame) -> go.Figure:
         fig.add_trace(go.Bar(
             x=labels, y=[h[0] for h in hs], text=[h[1] for h in hs], textposition="outside",
             name="top weights' flips, most damaging first",
-            marker=dict(color=[kind_color.get(k, PALETTE[0]) for k in damage["kind"]],
+            marker=dict(color=[cmap[s] for s in damage["selector"]],
                         pattern=dict(shape=["/" if t.startswith(">") else "" for _, t in hs])),
             customdata=np.stack([damage["n_available"], damage["ppl_at"].astype(float),
                                  damage["ppl_before"].astype(float)], axis=1),
@@ -727,7 +730,8 @@ def flips_to_break_bars(breaks: pd.DataFrame) -> go.Figure:
         label = "random weights, random bits"
         fig.add_trace(go.Bar(x=[label], y=[min(med, cap)], name=f"median of {len(rnd)} random draws",
                              text=[f"> {cap}" if not math.isfinite(med) else f"{med:g}"], textposition="outside",
-                             marker=dict(color=PALETTE[1], pattern=dict(shape=["/" if not math.isfinite(med) else ""])),
+                             marker=dict(color=_lighter(RANDOM_COLOR, 0.55),
+                                         pattern=dict(shape=["/" if not math.isfinite(med) else ""])),
                              hovertemplate=f"median over draws: %{{text}} flips<extra>{label}</extra>"))
         fig.add_trace(go.Scatter(x=[label] * len(rnd), y=[h for h, _ in hs], mode="markers", name="each random draw",
                                  marker=dict(color="#222222", size=8, symbol=["triangle-up" if u else "circle"

@@ -262,6 +262,8 @@ def test_bitflip_damage_draws_every_flip_and_marks_broken_ones(applications):
                 assert y == pytest.approx(r) and shape == "" and text == ""
             else:
                 assert y > finite.max() and shape == "x" and text == "broken"
+    low, high = fig.layout.yaxis.range  # log10 units: a ratio of 1 and the broken bars both inside
+    assert 10 ** low < min(1.0, finite.min()) and 10 ** high > max(t.y[i] for t in fig.data for i in range(len(t.y)))
     fig.to_json()
 
 
@@ -281,6 +283,8 @@ def test_flips_to_break_bars_median_of_draws_and_unbroken_runs():
     bars, median, points = fig.data
     assert list(bars.x) == ["m", "magnitude", "all selectors"] and list(bars.y) == [2, 6, 1]
     assert list(bars.text) == ["2", "> 6", "1"] and list(bars.marker.pattern.shape) == ["", "/", ""]
+    cmap = viz.colors(["m", "magnitude"])
+    assert list(bars.marker.color)[:2] == [cmap["m"], cmap["magnitude"]]  # the selectors' colours of every page
     assert list(median.y) == [np.median([3, 40, np.inf])] and list(median.text) == ["40"]
     assert list(points.y) == [3, 40, 64]
     df.loc[df["order"] == "random_bits", "n_flips"] = pd.NA
