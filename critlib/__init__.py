@@ -15,7 +15,7 @@ The names a user imports, loaded on first use (so `import critlib` stays light):
         hit = evaluate(loaded.model, windows.heldout)         # restored bit for bit on exit
     hit["ppl"] / base["ppl"], applied.n_changed
 
-    find_super_weights(loaded.model, default_prompt_ids(loaded.tokenizer))   # data-free (Yu et al. 2024)
+    find_super_weights(loaded.model, default_prompt_ids(loaded.tokenizer))   # data-free candidates (Yu et al.)
     fp = fingerprint(loaded.model); verify(loaded.model, fp)["ok"]           # integrity
     dose_response(loaded.model, windows.heldout, {"top": lambda k, d: select_top(sens, "magnitude", k)},
                   ["zero", "sign_flip"], [1, 10])                # one row per selector x method x k

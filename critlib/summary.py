@@ -145,7 +145,7 @@ def _super_weights(outdir: Path) -> list[str]:
     for c in confirmed[:3]:
         where = f"{c['param']}[{c['row']},{c['col']}]"
         ratio = c.get("ppl_ratio_when_zeroed", c.get("ppl_ratio"))
-        lo, hi = c.get("ppl_ratio_lo"), c.get("ppl_ratio_hi")
+        lo, hi = c.get("ppl_ratio_when_zeroed_lo"), c.get("ppl_ratio_when_zeroed_hi")
         parts.append(where + (f" ×{ratio:.3g}" if ratio is not None else "")
                      + (f" [{lo:.3g}, {hi:.3g}]" if lo is not None and hi is not None else ""))
     return [f"Confirmed super weights: {len(confirmed)} of {len(cands)} candidate(s) — zeroing each alone: "

@@ -31,7 +31,7 @@ def _write(out, ratio_lo, random_hi, confirmed):
     pd.DataFrame(rows).to_parquet(out / "perturbation_summary.parquet")
     (out / "superweights.json").write_text(json.dumps({"candidates": [
         {"param": "a", "row": 1, "col": 2, "confirmed": confirmed, "ppl_ratio_when_zeroed": 4.85,
-         "ppl_ratio_lo": 4.1, "ppl_ratio_hi": 5.6},
+         "ppl_ratio_when_zeroed_lo": 4.1, "ppl_ratio_when_zeroed_hi": 5.6},
         {"param": "b", "row": 3, "col": 4, "confirmed": False, "ppl_ratio_when_zeroed": 1.01}]}))
     pd.DataFrame([dict(metric="grad_x_weight", comparison="seed", jaccard=0.2),
                   dict(metric="magnitude", comparison="seed", jaccard=1.0)]).to_parquet(out / "stability.parquet")

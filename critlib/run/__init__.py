@@ -31,8 +31,8 @@ PHASES: tuple[Phase, ...] = (
           "against each metric's seed-to-seed and corpus-to-corpus stability."),
     Phase("03_perturbation", 3, "Perturbation (causal test)", "Dose-response of held-out perplexity, accuracy "
           "and KL to perturbing the top-K of each metric vs random, magnitude and bottom-K controls."),
-    Phase("04_super_weights", 4, "Super weights", "Data-free super-weight detection (Yu et al. 2024), its "
-          "validation, and where each super weight ranks in Phase 1."),
+    Phase("04_super_weights", 4, "Super weights", "Data-free super-weight candidates (Yu et al. 2024), the ones "
+          "confirmed causally against a random control, and where each ranks in Phase 1."),
     Phase("05_token_explorer", 5, "Token explorer", "Scores of each token's embedding and lm_head rows per "
           "dimension and its rank among all tokens."),
     Phase("06_applications", 6, "Applications", "Quantization with kept outliers, pruning and bit-flip "
