@@ -28,6 +28,61 @@
 params_file = None  # params YAML; None: built-in defaults, the embedded default model
 output_dir = None  # folder for tables and JSON; None: the output_dir of the params
 write_dir = None  # where files are written; None: output_dir (critlib run writes to a staging folder)
+# Any run parameter (params/default.yaml, README "Parameters"): None takes it from params_file, else
+# the built-in default; a value here, or papermill's `-p key value` / `-f params/X.yaml`, overrides it.
+model = None
+tokenizer = None
+revision = None
+trust_remote_code = None
+data = None
+text_field = None
+seq_len = None
+n_sequences = None
+n_heldout = None
+batch_size = None
+prepend_bos = None
+metrics = None
+topk_per_layer = None
+topk_global = None
+seed = None
+dtype = None
+device = None
+exact_stats = None
+chunk_size = None
+fisher_dtype = None
+kernel = None
+gradient_checkpointing = None
+sparse_embedding_grad = None
+device_map = None
+max_memory = None
+quant_bits = None
+quant_group_size = None
+quant_symmetric = None
+quant_keep_percents = None
+quant_clip_z = None
+quant_include_head = None
+prune_sparsities = None
+prune_modes = None
+prune_protect_k = None
+bitflip_top_n = None
+bitflip_bits = None
+bitflip_eval_windows = None
+bitflip_break_factor = None
+bitflip_cap = None
+bitflip_draws = None
+perturb_ks = None
+perturb_methods = None
+n_random_draws = None
+stability_seeds = None
+stability_data = None
+perturb_heldout = None
+applications_heldout = None
+token_explorer_top = None
+sw_spike_ratio = None
+sw_min_activation = None
+sw_effect_size = None
+sw_prompts = None
+sw_random_draws = None
 
 # %%
 import plotly.graph_objects as go
