@@ -16,8 +16,13 @@ after --warmup runs. Stages:
   onepass_lowmem  onepass with gradient_checkpointing and sparse_embedding_grad
   onepass_nokernel  onepass with kernel=off (score tensors made and consumed; on a CPU that is the default)
   fisher    critlib.analyze with metric fisher (one backward per sequence), one pass
-  phase1    `critlib score` end to end (load, two passes, held-out eval, tables, files written)
-  phase1_lowmem  the same with gradient_checkpointing and sparse_embedding_grad
+  phase1    `critlib score` end to end (load, two passes, held-out eval, tables, files written), default
+            params (gradient_checkpointing and sparse_embedding_grad: auto)
+  phase1_lowmem  the same with gradient_checkpointing and sparse_embedding_grad set to true
+  phase1_off     the same with both set to false (the defaults before they became auto)
+  phase1_rows    the same with sparse_embedding_grad only (no checkpointing): the cost of checkpointing
+  memory_ab the time cost of each memory option (neither, row-blocked embedding/lm_head gradients,
+            checkpointing, both): `analyze` as `critlib score` runs it, the settings interleaved in one process
   digest    no model pass: every weight with a random gradient of its shape, scored, ranked and summarised
             (i) by plain torch (score, per-tensor torch.topk, per-tensor moments), (ii) by critlib's path
             (score tensor, critlib.rank.TopK, critlib.stats.Stats), (iii) by the fused kernel
@@ -45,7 +50,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("plain", "onepass", "onepass_lowmem", "onepass_nokernel", "twopass", "fisher", "phase1", "phase1_lowmem", "digest")
+STAGES = ("plain", "onepass", "onepass_lowmem", "onepass_nokernel", "twopass", "fisher", "phase1", "phase1_lowmem",
+          "phase1_off", "phase1_rows", "memory_ab", "digest")
 
 
 def _reset_peak(dev) -> None:
@@ -132,6 +138,8 @@ def worker(args) -> dict:
     _reset_peak(dev)
     if stage == "digest":
         return _digest(args, rec, params, dev, k, kt)
+    if stage == "memory_ab":
+        return _memory_ab(args, rec, model, ids, dev, k, kt)
     if stage == "fisher" and args.fisher_batch:
         ids = torch.randint(0, vocab, (args.fisher_batch, args.seq_len),
                             generator=torch.Generator().manual_seed(0)).to(dev)
@@ -216,7 +224,8 @@ def worker(args) -> dict:
         setattr(multi.Pass1, name, timing(getattr(multi.Pass1, name)))
     for name in ("_feed", "_add_cell"):
         setattr(sensitivity, name, timing(getattr(sensitivity, name)))
-    for cls, name in ((sensitivity.TopK, "add"), (sensitivity.TopK, "add_candidates"), (Stats, "merge")):
+    for cls, name in ((sensitivity.TopK, "add"), (sensitivity.TopK, "add_candidates"), (Stats, "merge"),
+                      (sensitivity._Fold, "_add"), (sensitivity._Fold, "_close")):
         setattr(cls, name, timing(getattr(cls, name)))
 
     from critlib.scores import memory_saving
@@ -436,6 +445,37 @@ def _drop_page_cache() -> bool:
         return False
 
 
+def _memory_ab(args, rec: dict, model, ids, dev, k: int, kt: int) -> dict:
+    """The time cost of each memory option, measured in one process with the settings interleaved (each
+    round runs every setting once, in a rotated order), so that a load changing on a shared machine falls
+    on all of them alike: `critlib.sensitivity.analyze` as `critlib score` runs it (two passes)."""
+    from critlib import sensitivity
+    from critlib.scores import memory_saving
+    settings = {"off": (False, False), "rows": (False, True), "checkpointing": (True, False), "both": (True, True)}
+    wall: dict[str, list[float]] = {s: [] for s in settings}
+    cpu: dict[str, list[float]] = {s: [] for s in settings}
+    names = list(settings)
+    for r in range(args.warmup + args.repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            ckpt, rows = settings[name]
+            _sync(dev)
+            t, c = time.perf_counter(), time.process_time()
+            with memory_saving(model, checkpointing=ckpt, sparse_embedding=rows):
+                sensitivity.analyze(model, ids, [args.metric], topk_global=k, topk_per_layer=kt,
+                                    batch_size=ids.shape[0], chunk_size=args.chunk, progress=False)
+            _sync(dev)
+            if r >= args.warmup:
+                wall[name].append(time.perf_counter() - t)
+                cpu[name].append(time.process_time() - c)
+    rec["ab_wall_s"], rec["ab_cpu_s"] = wall, cpu
+    rec["ab_median_wall_s"] = {s: statistics.median(v) for s, v in wall.items()}
+    rec["ab_median_cpu_s"] = {s: statistics.median(v) for s, v in cpu.items()}
+    rec["analyze_s"] = rec["ab_median_wall_s"]["off"]
+    rec["cpu_s"] = {"analyze": rec["ab_median_cpu_s"]["off"]}
+    rec["peak"] = _peak(dev)
+    return rec
+
+
 def _phase1(args, rec: dict) -> dict:
     import torch
 
@@ -449,8 +489,9 @@ def _phase1(args, rec: dict) -> dict:
                  f"n_heldout={args.heldout}", f"metrics={args.metric}"]
         if args.topk_global < 1000:  # later phases' default perturbation sizes must fit the kept top-K
             sets.append(f"perturb_ks=[{args.topk_global}]")
-    if args.worker == "phase1_lowmem":
-        sets += ["gradient_checkpointing=true", "sparse_embedding_grad=true"]
+    sets += {"phase1_lowmem": ["gradient_checkpointing=true", "sparse_embedding_grad=true"],
+             "phase1_off": ["gradient_checkpointing=false", "sparse_embedding_grad=false"],
+             "phase1_rows": ["gradient_checkpointing=false", "sparse_embedding_grad=true"]}.get(args.worker, [])
     params = load_params(args.params, sets)
     rec["params"] = sets
     prepare = commands.prepare
@@ -543,12 +584,22 @@ def _write(args, records: list) -> dict:
     from critlib.manifest import host, versions
     result = {"command": " ".join([Path(sys.executable).name, "bench/bench_phase1.py"] + sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "versions": versions(), "host": host(),
-              "cpu_count": os.cpu_count(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+              "cpu_count": os.cpu_count(), "cpu_model": _cpu_model(), "load_average": os.getloadavg(),
+              "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
               "records": records}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
     return result
+
+
+def _cpu_model() -> str | None:
+    """`lscpu`'s model name (the machine is part of every figure: timings differ by CPU vendor)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), None)
 
 
 def summary(result: dict) -> str:
@@ -574,6 +625,10 @@ def summary(result: dict) -> str:
             notes.append("; ".join(f"{key[:-2]} {v:.3f}s" for key, v in r.items()
                                    if key.endswith("_s") and isinstance(v, float) and key not in ("load_s", "wall_s")))
             t = r.get("critlib_score_topk_stats_s")
+        elif r["stage"] == "memory_ab":
+            w, c = r["ab_median_wall_s"], r["ab_median_cpu_s"]
+            notes.append("; ".join(f"{s} {w[s]:.1f} s wall ({w[s] / w['off'] - 1:+.0%}), {c[s]:.1f} s CPU "
+                                   f"({c[s] / c['off'] - 1:+.0%})" for s in w))
         elif "rank_stats_s" in r:
             plain = by.get("plain", {})
             fb = plain.get("fwd_bwd_s")

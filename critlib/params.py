@@ -41,9 +41,10 @@ class Params:
     chunk_size: int = 1 << 30  # most elements ranked or summarised at once (CPU: at most 2**18, GPU: 2**26)
     fisher_dtype: str = "fp32"
     kernel: str = "auto"  # fused one-read scoring of gradient metrics: auto (Triton on CUDA), triton, torch, off
-    # scale: memory of the gradient pass (critlib.scores.memory_saving) and placement over devices (accelerate)
-    gradient_checkpointing: bool = False
-    sparse_embedding_grad: bool = False
+    # scale: memory of the gradient pass (critlib.scores.memory_saving: true, false, or auto = on where measured
+    # to cost under 10% time, see critlib.scores.resolve_memory_saving) and placement over devices (accelerate)
+    gradient_checkpointing: bool | str = "auto"
+    sparse_embedding_grad: bool | str = "auto"
     device_map: str | None = None  # auto, balanced, balanced_low_0 or sequential: split layers over the GPUs
     max_memory: str | None = None  # with device_map, per device, e.g. "0:70GiB,1:70GiB"
     output_dir: str = "outputs/default"
@@ -113,6 +114,8 @@ class Params:
         if len(set(self.metrics)) != len(self.metrics):
             raise CritlibError(f"metrics lists a metric twice: {self.metrics}")
         self.dtype = _dtype_name("dtype", self.dtype, DTYPES)
+        for key in ("gradient_checkpointing", "sparse_embedding_grad"):
+            setattr(self, key, _auto_bool(key, getattr(self, key)))
         self.fisher_dtype = _dtype_name("fisher_dtype", self.fisher_dtype, ("fp32", "bf16"))
         if self.kernel not in ("auto", "triton", "torch", "off"):
             raise CritlibError(f"unknown kernel '{self.kernel}'; choose auto, triton, torch or off")
@@ -228,6 +231,15 @@ def _bos_mode(value) -> bool | str:
     if mode is None:
         raise CritlibError(f"prepend_bos must be true or false, or auto (BOS only where the tokenizer's own "
                            f"encoding adds one), got {value!r}")
+    return mode
+
+
+def _auto_bool(key: str, value) -> bool | str:
+    """True, False or "auto", from YAML booleans or the strings true, false, auto."""
+    mode = value if isinstance(value, bool) else {"true": True, "false": False, "auto": "auto"}.get(
+        str(value).strip().lower())
+    if mode is None:
+        raise CritlibError(f"{key} must be true, false or auto (on where it costs under 10% time), got {value!r}")
     return mode
 
 

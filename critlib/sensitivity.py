@@ -8,6 +8,7 @@ Spearman. Nothing ever holds all scores of a model.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,9 +23,9 @@ from .io import atomic_path
 from .kernels import Backend, multi, resolve_backend
 from .kernels import score as kernel_score
 from .layout import Part, component_at, is_token_matrix, layer_of, parts_of
-from .rank import TopK
-from .scores import release_memory, score_model, scored_parameters
-from .stats import Stats
+from .rank import TopK, merge, topk_chunked
+from .scores import release_memory, saving_of, score_model, scored_parameters
+from .stats import Stats, summarize
 
 COLUMNS = ["metric", "scope", "rank", "param", "layer", "component", "row", "col", "score", "weight",
            "token_id", "token"]
@@ -129,6 +130,46 @@ def _settle_cells(cells: dict) -> dict:
     return {key: [n, float(torch.stack(sums).sum()) if sums else 0.0] for key, (n, sums) in cells.items()}
 
 
+class _Sink:
+    """A row sink (critlib.scores.RowSink) calling `add(row, scores)` for each block."""
+
+    def __init__(self, align: int, add, close=None):
+        self.align, self.add, self.close = align, add, close or (lambda: None)
+
+
+class _Fold(_Sink):
+    """Pass 1 of a tensor whose scores come in row blocks, folded in exactly as `emit1` folds the whole
+    tensor: its top-K (and bottom-K) the merge of each block's exact top-K, and its statistics the same
+    `summarize` rows of the same chunks (blocks hold whole chunks), merged once, with the same cell total."""
+
+    def __init__(self, shape, step: int, chunk_size: int, keep_top, k: int, keep_bottom, k_bottom: int,
+                 merge_stats):
+        super().__init__(step, self._add, self._close)
+        self.ncols, self.n, self.chunk_size = math.prod(shape[1:]), math.prod(shape), chunk_size
+        self.keep_top, self.k, self.keep_bottom, self.k_bottom = keep_top, k, keep_bottom, k_bottom
+        self.merge_stats = merge_stats
+        self.top, self.bottom, self.rows, self.counts = [], [], [], None
+
+    def _add(self, row: int, s: torch.Tensor) -> None:
+        flat, off = s.detach().reshape(-1), row * self.ncols
+        v, i = topk_chunked(flat, self.k, self.chunk_size)
+        self.top.append((v.float().cpu(), i.cpu() + off))
+        if self.keep_bottom:
+            v, i = topk_chunked(-flat, self.k_bottom, self.chunk_size)
+            self.bottom.append((v.float().cpu(), i.cpu() + off))
+        for start in range(0, flat.numel(), self.align):
+            r, c = summarize(flat[start:start + self.align].float().contiguous())
+            self.rows.append(r)
+            self.counts = c if self.counts is None else self.counts.add_(c)
+
+    def _close(self) -> None:
+        self.keep_top(torch.cat([v for v, _ in self.top]), torch.cat([i for _, i in self.top]))
+        if self.keep_bottom:
+            self.keep_bottom(torch.cat([v for v, _ in self.bottom]), torch.cat([i for _, i in self.bottom]))
+        self.merge_stats(torch.stack(self.rows), self.counts, self.n)
+        self.top = self.bottom = self.rows = []
+
+
 def check_k(model: torch.nn.Module, topk_per_layer: int, topk_global: int) -> None:
     """Refuse a global top-K beyond the model's size. A tensor with fewer than `topk_per_layer` weights is
     no error: its per-tensor top-K keeps all of them (critlib.rank clamps k to the tensor's size)."""
@@ -142,18 +183,24 @@ def analyze(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], t
             topk_per_layer: int = 100, batch_size: int = 8, exact_stats: bool = True,
             chunk_size: int = 1 << 30, fisher_dtype: torch.dtype = torch.float32,
             progress: bool = True, bottomk: int = 0, distributed: bool | None = None,
-            kernel: str = "auto") -> Sensitivity:
+            kernel: str = "auto", check_memory: bool = True) -> Sensitivity:
     """Score `windows` by each metric; keep exact top-K (and, with `bottomk`, bottom-K) candidates and
     statistics over every weight. With `distributed` (default: whenever a torch.distributed group of several
     ranks runs) each rank scores its share of `windows` and gradients are summed over ranks, so every rank
     returns the result of scoring all of `windows` (see critlib.distributed). `kernel` (auto, triton, torch,
     off; see critlib.kernels.resolve_backend) lets pass 1 rank and summarise grad_x_weight and grad_squared from one
-    read of each weight and gradient, and pass 2 score them a slice at a time: no whole score tensor."""
+    read of each weight and gradient, and pass 2 score them a slice at a time: no whole score tensor.
+    `check_memory`: refuse, before any gradient is made, a pass that would not fit in the memory available
+    (critlib.memory.check_fits, for the `memory_saving` choices the model is under)."""
     check_k(model, topk_per_layer, topk_global)
     distributed = dist_active() if distributed is None else distributed and dist_active()
     reduce = Reducer() if distributed else None
     if distributed:
         windows = shard(windows)
+    if check_memory:
+        from .memory import Plan, check_fits
+        check_fits(model, metrics, windows.shape[0], windows.shape[1],
+                   Plan(*saving_of(model), batch_size, fisher_dtype), exact_stats)
     params = scored_parameters(model)
     config = getattr(model, "config", None)
     order = [n for n, _ in params]
@@ -184,8 +231,23 @@ def analyze(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], t
         batch.add(metric, name, w, g)
         return True
 
+    step = step_for(next(model.parameters()).device, chunk_size)
+
+    def rows1(metric, name, shape):  # emit1 of a tensor given in row blocks (memory_saving's row blocks)
+        names = _unsplit(groups[name])
+        if names is None:
+            return None
+
+        def keep(t: TopK):
+            return lambda v, i: t.add_candidates(name, *merge(v, i, t.k))
+
+        def merge_stats(rows, counts, n):
+            _add_cell(cells[metric], layer_of(name), names, n, stats[metric].merge(names, rows, counts))
+        return _Fold(shape, step, chunk_size, keep(topk[metric]), k_cand,
+                     keep(bottom[metric]) if bottom else None, bottomk, merge_stats)
+
     unscored = score_model(model, windows, metrics, emit1, batch_size, fisher_dtype, progress, "pass 1/2",
-                           reduce=reduce, fused=fused1)
+                           reduce=reduce, fused=fused1, rows=rows1)
     batch.finish()
     release_memory()
     result = Sensitivity(metrics, order, shapes, parts, topk, {}, topk_global, topk_per_layer,
@@ -228,8 +290,23 @@ def analyze(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], t
                 gathered[metric].update({(name, int(f)): v for f, v in zip(idx[name].tolist(), vals)})
             return True
 
+        def rows2(metric, name, shape):  # emit2 of a tensor given in row blocks
+            names = _unsplit(groups[name])
+            if names is None:
+                return None
+            ncols = math.prod(shape[1:])
+
+            def add(row, s):
+                if exact_stats:
+                    stats[metric].add(names, s)
+                if name in idx:
+                    f = idx[name][(idx[name] >= row * ncols) & (idx[name] < row * ncols + s.numel())]
+                    vals = s.reshape(-1)[(f - row * ncols).to(s.device)].double().cpu().tolist()
+                    gathered[metric].update({(name, int(i)): v for i, v in zip(f.tolist(), vals)})
+            return _Sink(step, add)
+
         score_model(model, windows, metrics, emit2, batch_size, fisher_dtype, progress, "pass 2/2",
-                    reduce=reduce, fused=fused2, weights_checked=True)  # pass 1 checked them
+                    reduce=reduce, fused=fused2, weights_checked=True, rows=rows2)  # pass 1 checked them
     result.gathered = gathered
     result.stats = {m: _nest(stats[m].summary()) for m in metrics}
     return result

@@ -199,8 +199,11 @@ def test_memory_saving_gives_the_same_scores(arch):
     assert not model.get_input_embeddings().sparse
     assert {n: m.__dict__.get("forward") for n, m in model.named_modules()} == forwards  # restored
     assert got.keys() == ref.keys()
+    # bit-equal: the replayed layers run the same kernels on the same inputs, and the row-blocked
+    # embedding/lm_head gradient sums as autograd does (to 1e-6 where the BLAS sums a slice otherwise)
+    from tests.test_scores import assert_same
     for key in ref:
-        torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-12, msg=str(key))
+        assert_same(got[key], ref[key], str(key))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -170,3 +170,164 @@ def test_unused_parameter_gets_zero_scores(windows):
     got = collect(model, windows, ["grad_x_weight", "fisher"])
     assert torch.equal(got["grad_x_weight"]["unused"], torch.zeros(3))
     assert torch.equal(got["fisher"]["unused"], torch.zeros(3))
+
+
+# row-blocked embedding/lm_head gradients (memory_saving(sparse_embedding=True)): the plain path's scores
+
+ALL_METRICS = ["grad_x_weight", "grad_squared", "fisher", "magnitude", "wanda"]
+
+
+def blas_sums_slices_as_the_whole() -> bool:
+    """Whether this BLAS sums each row of a GEMM on a row slice (Gᵀ[r0:r1]·x) in the order it sums that row
+    of the whole product. The row-blocked lm_head gradient relies on nothing else to be bit-equal to the
+    plain path; MKL does (every shape tried), another BLAS may block a small GEMM differently."""
+    gen = torch.Generator().manual_seed(0)
+    for n, v, h in ((10, 96, 32), (40, 96, 32), (254, 1000, 37)):
+        go, x = torch.randn(n, v, generator=gen), torch.randn(n, h, generator=gen)
+        whole = go.t().mm(x)
+        if not all(torch.equal(go[:, r:r + 7].t().mm(x), whole[r:r + 7]) for r in range(0, v, 7)):
+            return False
+    return True
+
+
+def assert_same(got, ref, what):
+    """Bit-equal where the BLAS sums a slice as the whole (the only order that can differ), else to 1e-6
+    of the largest score: a GEMM's summation order is all that differs."""
+    if blas_sums_slices_as_the_whole():
+        assert torch.equal(got, ref), what
+    else:
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()), msg=what)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Row blocks of a few rows, so that tiny matrices (96 × 32) are made and scored in many blocks."""
+    import critlib.scores as scores
+    monkeypatch.setattr(scores, "ROW_BLOCK", 100)
+    seen = []
+    block = scores._Blocked.block
+
+    def spy(self, parts, r0, r1):
+        seen.append((self.name, tuple(p[0] for p in parts)))
+        return block(self, parts, r0, r1)
+    monkeypatch.setattr(scores._Blocked, "block", spy)
+    return seen
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-mistral", "tiny-phi3"])
+@pytest.mark.parametrize("batch_size", [4, 3])
+def test_row_blocked_gradients_equal_the_plain_path(arch, batch_size, windows, small_blocks):
+    """Every metric's scores of every parameter are those of the plain path, for tied (llama, qwen2, gpt2)
+    and untied (mistral, phi3) lm_heads, in one micro-batch and in several (and one per sequence for
+    fisher), with and without activation checkpointing."""
+    from critlib.scores import memory_saving
+    model = tiny(arch)
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    ref = collect(model, windows, ALL_METRICS, batch_size=batch_size)
+    for checkpointing in (False, True):
+        small_blocks.clear()
+        with memory_saving(model, checkpointing=checkpointing, sparse_embedding=True):
+            got = collect(model, windows, ALL_METRICS, batch_size=batch_size)
+        names = {n for n, p in model.named_parameters() if p is emb or p is head}
+        assert {n for n, _ in small_blocks} == names  # the embedding and lm_head went through row blocks
+        assert {parts for _, parts in small_blocks} == (
+            {("head", "embedding")} if emb is head else {("head",), ("embedding",)})
+        for m in ALL_METRICS:
+            assert got[m].keys() == ref[m].keys()
+            for name in ref[m]:
+                assert_same(got[m][name], ref[m][name], (checkpointing, m, name))
+    assert not model.get_input_embeddings().sparse and "forward" not in model.get_output_embeddings().__dict__
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-mistral"])
+def test_analyze_with_row_sinks_equals_the_plain_path(arch, windows, small_blocks):
+    """Scores handed over a row block at a time (critlib.sensitivity's sinks: gradients of the embedding and
+    lm_head, magnitude and wanda of every large matrix) give the plain path's top-K, bottom-K, statistics,
+    histograms, layer/component sums and gathered scores, all bit for bit: blocks hold whole statistics
+    chunks, each block's top-K is exact, and the chunks' partial sums are merged once, as for a whole tensor."""
+    import critlib.scores as scores
+    from critlib.scores import memory_saving
+    from critlib.sensitivity import analyze
+    scores.ROW_BLOCK = 600  # (put back by small_blocks' monkeypatch) blocks of 16 rows: 2 chunks of 256
+    model = tiny(arch)
+    kw = {"topk_global": 30, "topk_per_layer": 5, "progress": False, "chunk_size": 256, "bottomk": 7, "batch_size": 2}
+    ref = analyze(model, windows, ALL_METRICS, **kw)
+    with memory_saving(model, sparse_embedding=True):
+        got = analyze(model, windows, ALL_METRICS, **kw)
+    assert small_blocks
+    exact = blas_sums_slices_as_the_whole()
+    for m in ALL_METRICS:
+        for name in ref.order:
+            for a, b in ((got.topk[m], ref.topk[m]), (got.bottom[m], ref.bottom[m])):
+                for x, y in zip(a.candidates[name], b.candidates[name]):
+                    assert torch.equal(x, y) if exact else torch.allclose(x.double(), y.double(), rtol=1e-6), (m, name)
+        assert torch.equal(got.hist[m], ref.hist[m]) or not exact, m
+    if exact:
+        assert got.stats == ref.stats and got.cells == ref.cells and got.gathered == ref.gathered
+
+
+def test_row_blocks_never_make_a_matrix_the_size_of_the_embedding(windows, monkeypatch):
+    """With row sinks, no tensor of the embedding matrix's size is made during a scoring pass (other than
+    the weight itself): not its gradient, not its scores. (Fisher sums are left out: they are whole by
+    definition.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import critlib.scores as scores
+    from critlib.scores import memory_saving
+    from critlib.sensitivity import analyze
+    monkeypatch.setattr(scores, "ROW_BLOCK", 100)
+    model = tiny("tiny-llama")
+    shape = tuple(model.get_input_embeddings().weight.shape)  # (96, 32): no other tensor has it or (32, 96)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    made = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and tuple(t.shape) in (shape, shape[::-1]) and \
+                        t.untyped_storage().data_ptr() not in weights:
+                    made.append((str(func), tuple(t.shape)))
+            return out
+
+    metrics = ["grad_x_weight", "grad_squared", "magnitude", "wanda"]
+    kw = {"topk_global": 30, "topk_per_layer": 5, "progress": False, "chunk_size": 64, "batch_size": 4}
+    with Watch():
+        analyze(model, windows, metrics, **kw)
+    assert made  # the plain path does make them: the watch sees what it should
+    made.clear()
+    with memory_saving(model, sparse_embedding=True), Watch():
+        analyze(model, windows, metrics, **kw)
+    assert made == []
+
+
+def test_memory_saving_auto_and_restore():
+    """`auto` turns both on for a model with checkpointable decoder layers; everything is put back."""
+    from critlib.scores import memory_saving, resolve_memory_saving, saving_of
+    model = tiny("tiny-llama")
+    assert resolve_memory_saving(model, "auto", "auto") == (True, True)
+    assert resolve_memory_saving(model, False, "auto") == (False, True)
+    assert resolve_memory_saving(torch.nn.Sequential(torch.nn.Linear(2, 2)), "auto", "auto") == (False, True)
+    with memory_saving(model, "auto", "auto"):
+        assert saving_of(model) == (True, True) and model.get_input_embeddings().sparse
+        with memory_saving(model, False, False):
+            assert saving_of(model) == (False, False)
+        assert saving_of(model) == (True, True)
+    assert saving_of(model) == (False, False) and not model.get_input_embeddings().sparse
+
+
+def test_a_row_blocked_matrix_used_elsewhere_is_refused(windows):
+    """A model that also uses its embedding matrix outside the embedding/lm_head modules gets a clear error
+    rather than a gradient missing that use."""
+    from critlib import CritlibError
+    from critlib.scores import memory_saving
+    model = tiny("tiny-mistral")
+    head = model.get_output_embeddings()
+    norm = model.model.norm
+    handle = norm.register_forward_hook(lambda mod, args, out: out + 0 * head.weight.sum())
+    try:
+        with memory_saving(model, sparse_embedding=True), pytest.raises(CritlibError, match="sparse_embedding_grad"):
+            collect(model, windows, ["grad_x_weight"])
+    finally:
+        handle.remove()
+    assert all(p.grad is None for p in model.parameters())
