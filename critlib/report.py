@@ -16,6 +16,7 @@ import datetime as _dt
 import html
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -31,6 +32,7 @@ from .params import Params, load_params
 from .run import PHASES, Phase, select
 from .run.context import check_output_dir, move_into, new_staging
 from .run.headlines import read_headlines
+from .summary import findings, model_name
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 KERNEL_NAME = "critlib-interpreter"
@@ -273,7 +275,8 @@ def run_report(params_file: str | Path | None = None, overrides: list[str] | dic
         write_json(staging / "run.json", record)
         headlines = read_headlines(outdir)
         headlines.update(read_headlines(staging))
-        write_index(staging / "index.html", params, record, headlines)
+        write_index(staging / "index.html", params, record, headlines, findings(staging, outdir),
+                    model_name(staging, outdir))
         move_into(staging, outdir)
     except BaseException:
         if staging.exists():
@@ -318,9 +321,12 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def write_index(path: Path, params: Params, record: dict, headlines: dict[str, list[dict]]) -> None:
-    """The report's front page: run identity, and per phase its pages and headline numbers."""
+def write_index(path: Path, params: Params, record: dict, headlines: dict[str, list[dict]],
+                found: list[str] | None = None, model: str | None = None) -> None:
+    """The report's front page: the findings in words (critlib.summary), then the run's identity, and per
+    phase its pages and headline numbers."""
     e = html.escape
+    found_html = "".join(f"<li>{_inline_code(e(s))}</li>" for s in found or [])
     rows = []
     for p in PHASES:
         info = record["phases"].get(p.key)
@@ -334,7 +340,7 @@ def write_index(path: Path, params: Params, record: dict, headlines: dict[str, l
                         ) if info is not None else ""
         rows.append(f"<tr><td>{p.number}</td><td><b>{e(p.title)}</b><br><span class=s>{e(p.summary)}</span></td>"
                     f"<td>{links}</td><td>{e(status)}</td><td><ul>{items}</ul></td></tr>")
-    ident = [("model", params.model), ("data", params.data), ("metrics", ", ".join(params.metrics)),
+    ident = [("model", model or params.model), ("data", params.data), ("metrics", ", ".join(params.metrics)),
              ("scoring / held-out windows", f"{params.n_sequences} / {params.n_heldout} × {params.seq_len} tokens"),
              ("seed", params.seed), ("params file", record.get("params_file") or "(built-in defaults)"),
              ("overrides", ", ".join(map(str, record.get("overrides") or [])) or "none"),
@@ -343,7 +349,7 @@ def write_index(path: Path, params: Params, record: dict, headlines: dict[str, l
              ("critlib", record.get("critlib_version"))]
     ident_html = "".join(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in ident)
     page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>critlib report — {e(params.model)}</title>
+<html lang="en"><head><meta charset="utf-8"><title>critlib report — {e(model or params.model)}</title>
 <style>
 body {{ font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
 table {{ border-collapse: collapse; width: 100%; margin-bottom: 1.5em; }}
@@ -352,8 +358,11 @@ th {{ width: 220px; color: #555; font-weight: normal; }}
 .s {{ color: #666; font-size: 13px; }} ul {{ margin: 0; padding-left: 1.1em; }}
 table.phases th, table.phases td {{ width: auto; }} table.phases td:nth-child(2) {{ width: 30%; }}
 table.phases td:nth-child(5) {{ width: 45%; }}
+ul.findings li {{ margin-bottom: 0.4em; }} ul.findings {{ padding-left: 1.3em; }}
 </style></head><body>
 <h1>critlib report</h1>
+{f'<h2>Findings</h2><ul class="findings">{found_html}</ul>' if found_html else ''}
+<h2>Run</h2>
 <table>{ident_html}</table>
 <h2>Phases</h2>
 <table class="phases"><tr><th>#</th><th>phase</th><th>pages</th><th>time</th><th>headline numbers</th></tr>
@@ -366,3 +375,8 @@ table.phases td:nth-child(5) {{ width: 45%; }}
 """
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
+
+
+def _inline_code(text: str) -> str:
+    """`x` in an escaped sentence -> <code>x</code>."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", text)

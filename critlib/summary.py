@@ -41,18 +41,29 @@ def describe_model(info: dict, params: dict | None = None) -> str:
     return f"{source} ({dtype}{size}" + (f", revision {str(rev)[:12]}" if rev else "") + ")"
 
 
-def _json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+class _Run:
+    """A run's files, each read from the first of `folders` that holds it (a rerun's staging folder, then the
+    earlier run's folder)."""
 
+    def __init__(self, folders):
+        self.folders = [Path(f) for f in folders]
 
-def _table(path: Path) -> pd.DataFrame | None:
-    try:
-        return pd.read_parquet(path.with_suffix(".parquet"))
-    except (OSError, ValueError, ImportError):
-        return None
+    def _first(self, name: str) -> Path | None:
+        return next((f / name for f in self.folders if (f / name).is_file()), None)
+
+    def json(self, name: str):
+        path = self._first(name)
+        try:
+            return json.loads(path.read_text()) if path else None
+        except (OSError, ValueError):
+            return None
+
+    def table(self, stem: str) -> pd.DataFrame | None:
+        path = self._first(f"{stem}.parquet")
+        try:
+            return pd.read_parquet(path) if path else None
+        except (OSError, ValueError, ImportError):
+            return None
 
 
 def _pct(v: float) -> str:
@@ -68,17 +79,24 @@ def _ratio(row, col: str = "ppl_ratio") -> str:
     return text
 
 
-def findings(outdir: str | Path) -> list[str]:
-    """The run's findings as short sentences, in reading order (see the module docstring for the rules)."""
-    outdir = Path(outdir)
+def model_name(*folders: str | Path) -> str | None:
+    """`describe_model` of the run in `folders` (None without Phase 1's manifest)."""
+    man = _Run(folders).json("manifest.json")
+    return describe_model(man.get("model", {}), man.get("params", {})) if man else None
+
+
+def findings(*folders: str | Path) -> list[str]:
+    """The run's findings as short sentences, in reading order (see the module docstring for the rules);
+    each file is read from the first of `folders` that holds it."""
+    run = _Run(folders)
     out: list[str] = []
-    man = _json(outdir / "manifest.json") or {}
+    man = run.json("manifest.json") or {}
     if man:
         data = man.get("data", {})
         out.append(f"Model: {describe_model(man.get('model', {}), man.get('params', {}))}; scored on "
                    f"{data.get('n_score', '?')} windows of {data.get('seq_len', '?')} tokens from "
                    f"`{data.get('source', '?')}`, perplexity on {data.get('n_heldout', '?')} held-out windows.")
-    stats = (_json(outdir / "sensitivity_stats.json") or {}).get("metrics", {})
+    stats = (run.json("sensitivity_stats.json") or {}).get("metrics", {})
     conc = []
     for m, st in stats.items():
         g = st.get("global", {})
@@ -88,10 +106,10 @@ def findings(outdir: str | Path) -> list[str]:
     if conc:
         out.append("Concentration: the top 0.1% of weights hold " + ", ".join(conc) + " of each metric's total "
                    "score (exact, over every weight).")
-    out += _causal(outdir)
-    out += _super_weights(outdir)
-    out += _stability(outdir)
-    claims = _table(outdir / "claims")
+    out += _causal(run)
+    out += _super_weights(run)
+    out += _stability(run)
+    claims = run.table("claims")
     if claims is not None and len(claims):
         measured = claims[claims["study"].notna()]
         counts = measured["verdict"].value_counts()
@@ -101,8 +119,8 @@ def findings(outdir: str | Path) -> list[str]:
     return out
 
 
-def _causal(outdir: Path) -> list[str]:
-    s = _table(outdir / "perturbation_summary")
+def _causal(run: _Run) -> list[str]:
+    s = run.table("perturbation_summary")
     if s is None or s.empty:
         return []
     zero = s[s["method"] == "zero"] if (s["method"] == "zero").any() else s[s["method"] == s["method"].iloc[0]]
@@ -130,8 +148,8 @@ def _causal(outdir: Path) -> list[str]:
     return [text + (f" (window set {window})." if isinstance(window, str) else ".")]
 
 
-def _super_weights(outdir: Path) -> list[str]:
-    sw = _json(outdir / "superweights.json")
+def _super_weights(run: _Run) -> list[str]:
+    sw = run.json("superweights.json")
     if not sw:
         return []
     cands = sw.get("candidates", sw.get("super_weights", []))
@@ -152,8 +170,8 @@ def _super_weights(outdir: Path) -> list[str]:
             + "; ".join(parts) + "."]
 
 
-def _stability(outdir: Path) -> list[str]:
-    st = _table(outdir / "stability")
+def _stability(run: _Run) -> list[str]:
+    st = run.table("stability")
     if st is None or st.empty:
         return []
     seed = st[(st["comparison"] == "seed") & (st["metric"] != "magnitude")]

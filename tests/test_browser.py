@@ -109,3 +109,13 @@ def test_plain_papermill_nbconvert_page_draws(tmp_path):
     assert len(figures) == n > 0, "the plain nbconvert page does not draw its figures"
     for fig in figures:
         assert 'class="trace' in fig or 'class="hm"' in fig, "a figure without drawn data"
+
+
+def test_index_opens_with_the_findings_naming_the_model(tiny_report, tmp_path):
+    dom = _run(["--virtual-time-budget=5000", "--dump-dom", (tiny_report / "index.html").as_uri()], tmp_path,
+               "index").stdout
+    findings = dom.split("<h2>Findings</h2>")
+    assert len(findings) == 2 and findings[0].count("<h2>") == 0, "the findings are not the first section"
+    first = re.search(r'<ul class="findings">(.*?)</ul>', findings[1], re.S).group(1)
+    assert "Model: a randomly initialised LlamaForCausalLM" in html.unescape(first)
+    assert "Causal test" in first and "Concentration" in first

@@ -2,6 +2,7 @@
 that match the files, phase selection, and a failing cell that leaves the previous report intact."""
 
 import hashlib
+import html
 import json
 import os
 import re
@@ -62,6 +63,10 @@ def test_report_folder(tiny_report):
     index = (tiny_report / "index.html").read_text()
     for p in PHASES:
         assert f'href="{p.key}.html"' in index and f'href="{p.key}.ipynb"' in index
+    from critlib.summary import findings
+    assert index.index("<h2>Findings</h2>") < index.index("<h2>Run</h2>")
+    for sentence in findings(tiny_report):  # every finding, in order, in the index
+        assert html.escape(sentence).split("`")[0] in index
 
 
 SCRIPT_SRC = re.compile(r"<script[^>]*\bsrc=[\"']?([^\"' >]+)")
