@@ -3,9 +3,12 @@
 - grad_x_weight = |g ⊙ w| and grad_squared = g², g the gradient of the mean next-token loss over ALL
   scoring tokens (each micro-batch's loss is a sum divided by the total token count, so g does not depend
   on the batch size);
-- fisher = Σᵢ gᵢ², gᵢ the gradient of sequence i's mean token loss (empirical Fisher diagonal);
+- fisher = (1/N) Σᵢ gᵢ², gᵢ the gradient of sequence i's mean token loss over the N scoring sequences (the
+  empirical Fisher diagonal, a mean so that runs of different sizes compare; sequences are scored one at a
+  time, so batch_size cannot change it);
 - magnitude = |w|;
-- wanda = |w| · ‖x‖₂ of the weight's input channel over all scoring tokens: Linear and Conv1D weights use
+- wanda = |w| · √(Σ x² / N) of the weight's input channel, Σ over all scoring tokens and N the number of
+  scoring sequences (locuslab/wanda's `scaler_row`, a running mean over samples): Linear and Conv1D weights use
   their input features, embeddings their one-hot input (‖x_t‖ = √count(t)), a tied lm_head/embedding its
   lm_head input, norm scales their normalised input (|w_j|·‖x̂_j‖ = ‖y_j − b_j‖), biases the constant 1.
 
@@ -184,6 +187,7 @@ class InputNorms:
         from transformers.pytorch_utils import Conv1D
         self.sq: dict[str, torch.Tensor] = {}
         self.n_tokens = 0
+        self.n_sequences = 0  # wanda's norms are per sequence: Σx² / n_sequences, as locuslab/wanda's add_batch
         self.batch_tokens = 0
         self.kind: dict[int, tuple[str, str]] = {}  # id(param) -> (kind, module name)
         self.modules: list[tuple[str, torch.nn.Module, str]] = []
@@ -251,9 +255,10 @@ class InputNorms:
             return None
         kind, mname = self.kind[id(p)]
         w = _rows_of(p.detach(), r0, r1).float().abs()
+        n = max(self.n_sequences, 1)
         if kind == "bias":
-            return w * float(self.n_tokens) ** 0.5
-        norm = self.sq[mname].sqrt().to(w.device)
+            return w * (self.n_tokens / n) ** 0.5
+        norm = (self.sq[mname] / n).sqrt().to(w.device)
         if kind == "linear":
             return w * norm[None, :]
         if kind == "conv1d":
@@ -361,8 +366,10 @@ def score_model(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str
                     model(input_ids=batch)
     if norms is not None:
         norms.n_tokens = windows.numel()
+        norms.n_sequences = windows.shape[0]
         if reduce is not None:
             norms.n_tokens = reduce.total(norms.n_tokens)
+            norms.n_sequences = reduce.total(norms.n_sequences)
             for mname in sorted(norms.sq):
                 norms.sq[mname] = reduce.sum_(f"wanda:{mname}", norms.sq[mname])
         for name, p in params:
@@ -399,8 +406,9 @@ def _gradient_pass(model, params, windows, grad_metrics, emit, batch_size, fishe
     if reduce is not None:
         n_total = reduce.total(n_total)
     per_seq = float(windows.shape[1] - 1)
-    # (this sequence's own mean-loss gradient)² = (g · n_total / per_seq)², one fused op in fp32
-    c2 = (n_total / per_seq) ** 2
+    # (this sequence's own mean-loss gradient)² / n_sequences = (g · N)² / N with N = n_total / per_seq the
+    # number of sequences (over every rank): one fused op in fp32
+    c2 = n_total / per_seq
     batches = windows.split(1 if fisher else batch_size)
     state = {"last": False, "emitted": set()}
     acc: dict[str, torch.Tensor] = {}

@@ -37,7 +37,7 @@ def ref_grads(model, windows, per_sequence=False):
     for i in range(windows.shape[0]):
         g = torch.autograd.grad(loss_of(windows[i:i + 1]), list(params.values()))
         for n, gi in zip(params, g):
-            fisher[n] += gi ** 2
+            fisher[n] += gi ** 2 / windows.shape[0]  # the mean over sequences
     return fisher, params
 
 
@@ -96,6 +96,7 @@ def test_wanda_matches_float64(arch, windows):
     got = collect(model, windows, ["wanda"], batch_size=3)["wanda"]
     m64, seen = _inputs64(model, windows)
     n_tok = windows.numel()
+    n_seq = windows.shape[0]  # norms are √(Σx² / n_sequences), as locuslab/wanda's scaler_row
     ref = {}
     mods = dict(m64.named_modules())
     for mname, mod in mods.items():
@@ -106,22 +107,22 @@ def test_wanda_matches_float64(arch, windows):
         if isinstance(mod, torch.nn.Embedding):
             # position ids are broadcast over the batch: each one serves n_tok / len(x) tokens
             counts = torch.bincount(x, minlength=mod.num_embeddings).double() * (n_tok / x.numel())
-            ref[id(mod.weight)] = mod.weight.abs() * counts.sqrt()[:, None]
+            ref[id(mod.weight)] = mod.weight.abs() * (counts / n_seq).sqrt()[:, None]
         elif isinstance(mod, torch.nn.Linear):
-            ref[id(mod.weight)] = mod.weight.abs() * x.norm(dim=0)[None, :]
+            ref[id(mod.weight)] = mod.weight.abs() * x.norm(dim=0)[None, :] / n_seq ** 0.5
         elif isinstance(mod, Conv1D):
-            ref[id(mod.weight)] = mod.weight.abs() * x.norm(dim=0)[:, None]
+            ref[id(mod.weight)] = mod.weight.abs() * x.norm(dim=0)[:, None] / n_seq ** 0.5
         elif isinstance(mod, torch.nn.LayerNorm):
             xhat = F.layer_norm(x, mod.normalized_shape, eps=mod.eps)
-            ref[id(mod.weight)] = mod.weight.abs() * xhat.norm(dim=0)
+            ref[id(mod.weight)] = mod.weight.abs() * xhat.norm(dim=0) / n_seq ** 0.5
         elif "RMSNorm" in type(mod).__name__:
             eps = getattr(mod, "variance_epsilon", getattr(mod, "eps", 1e-6))
             xhat = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-            ref[id(mod.weight)] = mod.weight.abs() * xhat.norm(dim=0)
+            ref[id(mod.weight)] = mod.weight.abs() * xhat.norm(dim=0) / n_seq ** 0.5
         else:
             continue
         if isinstance(getattr(mod, "bias", None), torch.nn.Parameter):
-            ref[id(mod.bias)] = mod.bias.abs() * n_tok ** 0.5
+            ref[id(mod.bias)] = mod.bias.abs() * (n_tok / n_seq) ** 0.5
     # a tied lm_head/embedding matrix is scored through its lm_head (Linear) use
     params64 = dict(m64.named_parameters())
     for name in got:
@@ -331,3 +332,45 @@ def test_a_row_blocked_matrix_used_elsewhere_is_refused(windows):
     finally:
         handle.remove()
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_wanda_equals_the_reference_codes_definition(windows):
+    """An independent transcription of locuslab/wanda (lib/layerwrapper.py, WrappedGPT.add_batch, and
+    lib/prune.py): per Linear layer a running `scaler_row`, updated per batch of `tmp` samples as
+    scaler_row *= nsamples / (nsamples + tmp); nsamples += tmp; scaler_row += ‖inp‖₂² / nsamples (norm over
+    every token of the batch), and W_metric = |W| · √scaler_row."""
+    model = tiny("tiny-llama")
+    state = {}
+
+    def add_batch(name):
+        def hook(mod, args, out):
+            inp = args[0].detach().float()
+            tmp = inp.shape[0]
+            inp = inp.reshape(-1, inp.shape[-1]).t()
+            row, n = state.get(name, (torch.zeros(inp.shape[0]), 0))
+            row = row * (n / (n + tmp))
+            n += tmp
+            state[name] = (row + torch.norm(inp, p=2, dim=1) ** 2 / n, n)
+        return hook
+
+    handles = [m.register_forward_hook(add_batch(n)) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    with torch.no_grad():
+        for batch in windows.split(3):  # the reference feeds calibration samples in batches
+            model(input_ids=batch)
+    for h in handles:
+        h.remove()
+    got = collect(model, windows, ["wanda"], batch_size=2)["wanda"]
+    assert len(state) == 2 * 7
+    for name, (row, _) in state.items():
+        ref = dict(model.named_parameters())[f"{name}.weight"].detach().abs() * row.sqrt()[None, :]
+        torch.testing.assert_close(got[f"{name}.weight"], ref, rtol=2e-5, atol=0)
+
+
+def test_fisher_is_the_mean_over_sequences_whatever_the_batch_size(windows):
+    model = tiny("tiny-llama")
+    ref, _ = ref_grads(model, windows, per_sequence=True)
+    for bs in (1, 3, 4):
+        got = collect(model, windows, ["fisher"], batch_size=bs)["fisher"]
+        for name, f in got.items():
+            assert_close(f, ref[name], f"{name} (batch_size {bs})")
