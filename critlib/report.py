@@ -92,7 +92,7 @@ def interpreter_kernel():
         kdir = Path(d) / "kernels" / KERNEL_NAME
         kdir.mkdir(parents=True)
         (kdir / "kernel.json").write_text(json.dumps({
-            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}", "--log-level=ERROR"],
             "display_name": "critlib (this interpreter)", "language": "python"}))
         old = os.environ.get("JUPYTER_PATH")
         os.environ["JUPYTER_PATH"] = d + (os.pathsep + old if old else "")
@@ -226,7 +226,7 @@ def run_report(params_file: str | Path | None = None, overrides: list[str] | dic
         if not notebook_path(p, nb_dir).is_file():
             raise CritlibError(f"notebook {notebook_path(p, nb_dir)} is missing; critlib run needs the notebooks/ "
                                "folder of a critlib checkout")
-    staging = new_staging(outdir)  # holds the last run's cache: `--phases 3` reuses its Phase 1 scores
+    staging = new_staging(outdir)  # its phases find the run's cache: `--phases 3` reuses Phase 1
     failed = outdir.parent / f"{outdir.name}.failed"
     try:
         params.output_dir = str(outdir)

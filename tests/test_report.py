@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 
 from critlib import CritlibError, cli
+from critlib.report import interpreter_kernel, plotlyjs
 from critlib.run import PHASES, select
 from critlib.run.headlines import read_headlines
-from critlib.report import interpreter_kernel, plotlyjs
 from tests.conftest import REPO, tiny_report_params
 from tests.test_viz import assert_no_cloud_upload
 
@@ -93,6 +93,7 @@ def _figure_notebook(path: Path) -> Path:
     """A notebook with one figure output as the critlib renderer makes it (no kernel needed)."""
     import plotly.graph_objects as go
     import plotly.io as pio
+
     from critlib import viz
     viz.setup()
     bundle = pio.renderers["critlib"].to_mimebundle(go.Figure(go.Bar(y=[1, 3])).to_dict())
@@ -230,8 +231,10 @@ def test_rerun_one_phase_keeps_the_others(tiny_report, tmp_path, capfd):
     assert "(earlier run)" in (out / "index.html").read_text()
 
 
-def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
-    """A run killed with SIGTERM exits 130, leaves no hidden staging folder, keeps the partial run in
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c"])
+def test_interrupt_cleans_up_with_one_line(tmp_path, how):
+    """A run killed with SIGTERM, or interrupted as a terminal's Ctrl-C does (SIGINT to the whole foreground
+    process group), exits 130 with one line, leaves no hidden staging folder, keeps the partial run in
     `<outdir>.failed/` and the previous report untouched."""
     import signal
     import subprocess
@@ -239,17 +242,24 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
     out = tmp_path / "rep"
     out.mkdir()
     (out / "index.html").write_text("previous")
-    cmd = [sys.executable, "-m", "critlib.cli", "run", "-p", TINY, "-o", str(out), "-q",
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "  # as in a terminal
+            "from critlib.cli import main; sys.exit(main(sys.argv[1:]))")
+    cmd = [sys.executable, "-c", code, "run", "-p", TINY, "-o", str(out), "-q",
            "--set", f"model={tiny_report_params()['model']}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     deadline = time.time() + 120
     while not list(tmp_path.glob(".rep.staging-*")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
+    if how == "sigterm":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert "interrupted" in err
+    assert err.strip().splitlines()[-1] == "critlib: interrupted; earlier results were left as they were"
+    assert "Traceback" not in err, err
     assert not list(tmp_path.glob(".rep.staging-*"))
     assert (tmp_path / "rep.failed").is_dir()
     assert (out / "index.html").read_text() == "previous"
