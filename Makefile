@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run report score browser test test-fast clean
+.PHONY: setup run report score lab browser test test-fast clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ run: setup
 
 report: setup
 	$(VENV)/bin/critlib run -p $(PARAMS)
+
+# JupyterLab from the project's venv (installed on first use), the notebooks' kernel "critlib (.venv)" ready
+lab: setup
+	@$(VENV)/bin/python -c "import jupyterlab" 2>/dev/null || $(PY) -m pip install -q jupyterlab
+	cd notebooks && ../$(VENV)/bin/jupyter lab
 
 # headless Chromium for tests/test_browser.py (Debian package `chromium`), installed when missing and we are root
 browser:

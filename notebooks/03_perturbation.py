@@ -3,9 +3,9 @@
 #   jupytext:
 #     formats: ipynb,py:percent
 #   kernelspec:
-#     display_name: Python 3 (ipykernel)
+#     display_name: critlib (.venv)
 #     language: python
-#     name: python3
+#     name: critlib
 # ---
 
 # %% [markdown]

@@ -41,7 +41,7 @@ def test_committed_without_outputs_and_with_parameters_cell(path):
              if "=" in line and not line.lstrip().startswith("#")}
     assert NOTEBOOK_PARAMS <= names and names <= NOTEBOOK_PARAMS | set(valid_keys())
     assert nb.cells.index(tagged[0]) < nb.cells.index(code[1]), "the parameters cell must come first"
-    assert nb.metadata.kernelspec.name == "python3"
+    assert nb.metadata.kernelspec.name == "critlib"  # the kernel `make setup` installs (the .venv)
     assert "widgets" not in nb.metadata
 
 
