@@ -119,6 +119,23 @@ def findings(*folders: str | Path) -> list[str]:
     return out
 
 
+def phase_answer(key: str, *folders: str | Path) -> str:
+    """The two-sentence answer a phase page opens with: its findings (or its first headline numbers)."""
+    run = _Run(folders)
+    if key == "01_sensitivity":
+        parts = [s for s in findings(*folders) if s.startswith(("Model:", "Concentration:"))]
+    elif key == "02_cross_metric":
+        parts = _stability(run) + [s for s in findings(*folders) if s.startswith("The published study")]
+    elif key == "03_perturbation":
+        parts = _causal(run)
+    elif key == "04_super_weights":
+        parts = _super_weights(run)
+    else:
+        items = (run.json(f"headlines/{key}.json") or {}).get("items", [])[:2]
+        parts = [f"{i['label'][:1].upper()}{i['label'][1:]}: {i['value']}." for i in items]
+    return " ".join(parts)
+
+
 def _causal(run: _Run) -> list[str]:
     s = run.table("perturbation_summary")
     if s is None or s.empty:

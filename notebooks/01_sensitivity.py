@@ -81,11 +81,12 @@ sw_random_draws = None
 # %%
 from IPython.display import Markdown, display
 
-from critlib import tables, viz
+from critlib import summary, tables, viz
 from critlib.run import notebook, sensitivity
 
 P, ctx, out = notebook.start(globals())
 p1 = sensitivity.run(ctx, out)
+display(Markdown(f"**In short.** {summary.phase_answer('01_sensitivity', out)}"))
 sens = p1.sens
 display(Markdown(f"**Model** `{P.model}` ({ctx.loaded.info.get('n_params', 0):,} parameters, {P.dtype}), "
                  f"**data** `{P.data}`: {len(ctx.windows.score)} scoring + {len(ctx.windows.heldout)} held-out "

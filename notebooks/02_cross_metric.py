@@ -78,13 +78,14 @@ sw_random_draws = None
 # %%
 from IPython.display import Markdown, display
 
-from critlib import agreement, viz
+from critlib import agreement, summary, viz
 from critlib.run import cross_metric, notebook, sensitivity
 
 P, ctx, out = notebook.start(globals())
 p1 = sensitivity.results(ctx, out)
 sens = p1.sens
 r2 = cross_metric.run(ctx, p1, out)
+display(Markdown(f"**In short.** {summary.phase_answer('02_cross_metric', out)}"))
 display(Markdown(f"Top-K: K = {P.topk_global}. Runs compared: " + ", ".join(f"`{r}`" for r in r2["runs"])))
 
 # %% [markdown]

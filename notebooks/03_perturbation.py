@@ -88,12 +88,13 @@ sw_random_draws = None
 import plotly.graph_objects as go
 from IPython.display import Markdown, display
 
-from critlib import viz
+from critlib import summary, viz
 from critlib.run import notebook, perturbation, sensitivity
 
 P, ctx, out = notebook.start(globals())
 p1 = sensitivity.results(ctx, out)
 r3 = perturbation.run(ctx, p1, out)
+display(Markdown(f"**In short.** {summary.phase_answer('03_perturbation', out)}"))
 base, ws = r3["baseline"], r3["window_set"]
 bos = ws["bos"]
 display(Markdown(

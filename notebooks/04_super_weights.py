@@ -91,12 +91,13 @@ import pandas as pd
 import plotly.graph_objects as go
 from IPython.display import Markdown, display
 
-from critlib import viz
+from critlib import summary, viz
 from critlib.run import notebook, sensitivity, super_weights
 
 P, ctx, out = notebook.start(globals())
 p1 = sensitivity.results(ctx, out)
 r4 = super_weights.run(ctx, p1, out)
+display(Markdown(f"**In short.** {summary.phase_answer('04_super_weights', out)}"))
 cands, sw, base = r4["candidates"], r4["super_weights"], r4["baseline"]
 display(Markdown(
     f"**{len(sw)} confirmed super weight(s) of {len(cands)} candidate(s).** Rule: {r4['rule']['text']}.\n\n"

@@ -80,11 +80,12 @@ sw_random_draws = None
 # %%
 from IPython.display import Markdown, display
 
-from critlib import viz
+from critlib import summary, viz
 from critlib.run import notebook, token_explorer
 
 P, ctx, out = notebook.start(globals())
 ts = token_explorer.run(ctx, out)
+display(Markdown(f"**In short.** {summary.phase_answer('05_token_explorer', out)}"))
 metric, role = ts.metrics[0], next(iter(ts.roles))
 display(Markdown(f"{ts.vocab_size:,} tokens; rows: " + ", ".join(f"{r} = `{n}`" for r, n in ts.roles.items())))
 

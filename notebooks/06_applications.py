@@ -88,13 +88,14 @@ sw_random_draws = None
 # %%
 from IPython.display import Markdown, display
 
-from critlib import viz
+from critlib import summary, viz
 from critlib.applications import selectors
 from critlib.run import applications, notebook, sensitivity
 
 P, ctx, out = notebook.start(globals())
 p1 = sensitivity.results(ctx, out)
 r6 = applications.run(ctx, p1, out)
+display(Markdown(f"**In short.** {summary.phase_answer('06_applications', out)}"))
 ref = r6["pruning"][r6["pruning"]["kind"] == "reference"]
 sw = r6["super_weights"]
 display(Markdown(

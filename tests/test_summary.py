@@ -4,7 +4,7 @@ import json
 
 import pandas as pd
 
-from critlib.summary import describe_model, findings
+from critlib.summary import describe_model, findings, phase_answer
 
 
 def test_the_default_model_is_named_by_what_it_is():
@@ -58,3 +58,16 @@ def test_overlapping_intervals_and_no_confirmed_weight_are_said_so(tmp_path):
 
 def test_missing_files_leave_their_sentences_out(tmp_path):
     assert findings(tmp_path) == []
+
+
+def test_each_phase_page_has_its_answer(tmp_path):
+    _write(tmp_path, ratio_lo=2.0, random_hi=1.01, confirmed=True)
+    (tmp_path / "headlines").mkdir()
+    (tmp_path / "headlines" / "06_applications.json").write_text(json.dumps(
+        {"items": [{"label": "4-bit quantization: ppl ratio", "value": 1.2}, {"label": "b", "value": 2},
+                   {"label": "c", "value": 3}]}))
+    assert findings(tmp_path)[1] in phase_answer("01_sensitivity", tmp_path)
+    assert phase_answer("03_perturbation", tmp_path).startswith("Causal test")
+    assert phase_answer("04_super_weights", tmp_path).startswith("Confirmed super weights")
+    assert phase_answer("02_cross_metric", tmp_path).startswith("Stability")
+    assert phase_answer("06_applications", tmp_path) == "4-bit quantization: ppl ratio: 1.2. B: 2."
