@@ -26,7 +26,8 @@ def test_loads_as_documented(default):
 
 def test_heldout_perplexity_is_sane(default):
     w = load_windows("default", default.tokenizer, 128, 2, 4)
-    assert (w.heldout[:, 0] == 1).all()
+    assert w.bos is None and not (w.heldout[:, 0] == 1).any()  # prepend_bos auto: SmolLM2 adds no BOS itself
+    assert (load_windows("default", default.tokenizer, 128, 2, 4, prepend_bos=True).heldout[:, 0] == 1).all()
     res = evaluate(default.model, w.heldout)
     # a 135M instruct model on plain English prose: far better than uniform (49152) or unigram guessing
     assert 5 < res["ppl"] < 80, res
