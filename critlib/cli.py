@@ -42,6 +42,9 @@ def _application_parsers(sub) -> None:
                     "default magnitude; gradient metrics use the params' data)")
     fp.add_argument("-p", "--params", help="params YAML for data/dtype/device (default: built-in defaults)")
     fp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one parameter")
+    hp = sub.add_parser("html", help="one executed notebook -> one offline HTML page (plotly.js inside)")
+    hp.add_argument("notebook", help="an executed .ipynb (e.g. from papermill)")
+    hp.add_argument("-o", "--output", help="the page to write (default: the notebook's name with .html)")
     vf = sub.add_parser("verify", help="check a model against a fingerprint (exit 1 on any change)")
     vf.add_argument("model", help="any model source load_model accepts")
     vf.add_argument("file", help="fingerprint JSON file")
@@ -67,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
             code, report = verify(args.model, args.file, args.set)
             print(report)
             return code
+        if args.command == "html":
+            from .report import notebook_page
+            print(f"critlib: wrote {notebook_page(args.notebook, args.output)}")
+            return 0
         if args.command == "run":
             from .report import run_report
             out = run_report(args.params, args.set, args.outdir, args.phases, progress=not args.quiet)

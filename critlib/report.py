@@ -380,3 +380,20 @@ ul.findings li {{ margin-bottom: 0.4em; }} ul.findings {{ padding-left: 1.3em; }
 def _inline_code(text: str) -> str:
     """`x` in an escaped sentence -> <code>x</code>."""
     return re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+
+
+def notebook_page(notebook: str | Path, output: str | Path | None = None) -> Path:
+    """`critlib html NOTEBOOK`: one executed notebook as one self-contained offline page (plotly.js inside),
+    the way `critlib run` renders its pages; checks its input and output before rendering."""
+    from .run.context import check_output_dir
+    notebook = Path(notebook)
+    if not notebook.is_file() or notebook.suffix != ".ipynb":
+        raise CritlibError(f"{notebook} is not a notebook file; give an executed .ipynb (e.g. papermill's output)")
+    output = Path(output) if output else notebook.with_suffix(".html")
+    if output.is_dir():
+        raise CritlibError(f"-o {output} is a folder; name the .html page to write")
+    check_output_dir(output.parent)
+    try:
+        return to_html(notebook, output, notebook.stem)
+    except (ValueError, KeyError) as e:  # nbformat: not JSON, or not a notebook
+        raise CritlibError(f"{notebook} is not a readable notebook ({type(e).__name__}: {e})") from None

@@ -115,3 +115,16 @@ viz.cross_vs_baseline(r2["cross"]) if len(r2["cross"]) else None
 
 # %%
 r2["cross"].round(4)
+
+# %% [markdown]
+# ## The published study's claims, re-tested
+# Each claim of the study (a critical-weight analysis of Llama-3.1-8B, one data seed) measured here on Phase 1
+# and on every other data seed of `stability_seeds`: the mean over seeds with a 95% t-interval (the other
+# seeds' percentiles are from one pass, within 2⁻⁷). The verdict compares the study's number with the interval
+# only on the same model family; on another model the study's number is context, not a target. Shares are of
+# the grad×weight global top-K (K = `topk_global`, 1000 by default as in the study).
+
+# %%
+claims = r2["claims"]
+claims[["text", "value", "lo", "hi", "n_seeds", "per_seed", "study", "verdict"]] if claims is not None else \
+    Markdown("The claims need grad_x_weight among the metrics.")

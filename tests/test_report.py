@@ -263,3 +263,19 @@ def test_interrupt_cleans_up_with_one_line(tmp_path, how):
     assert not list(tmp_path.glob(".rep.staging-*"))
     assert (tmp_path / "rep.failed").is_dir()
     assert (out / "index.html").read_text() == "previous"
+
+
+def test_html_verb_renders_one_notebook_offline(tmp_path, capsys):
+    nb = _figure_notebook(tmp_path / "f.ipynb")
+    assert cli.main(["html", str(nb)]) == 0
+    page = (tmp_path / "f.html").read_text()
+    assert plotlyjs()[:300] in page and not SCRIPT_SRC.findall(page)
+    assert cli.main(["html", str(nb), "-o", str(tmp_path / "sub" / "g.html")]) == 0
+    assert (tmp_path / "sub" / "g.html").is_file()
+    capsys.readouterr()
+    (tmp_path / "bad.ipynb").write_text("{not json")
+    for argv in (["html", str(tmp_path / "missing.ipynb")], ["html", str(tmp_path / "bad.ipynb")],
+                 ["html", str(nb), "-o", str(tmp_path)]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("critlib: error: "), err
