@@ -36,6 +36,10 @@ from .summary import findings, model_name
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 KERNEL_NAME = "critlib-interpreter"
+# ipykernel_launcher with the kernel's own stderr closed: its log lines (e.g. a traceback when an interrupted run
+# closes the sockets under it) would land in the user's terminal; cells' output reaches the notebook as messages
+KERNEL_MAIN = ("import os, sys; os.dup2(os.open(os.devnull, os.O_WRONLY), 2); sys.path[:1] = [] if sys.path[:1] == "
+               "[''] else sys.path[:1]; from ipykernel import kernelapp; kernelapp.launch_new_instance()")
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 TEMPLATE = r"""{%- extends 'lab/index.html.j2' -%}
@@ -92,7 +96,7 @@ def interpreter_kernel():
         kdir = Path(d) / "kernels" / KERNEL_NAME
         kdir.mkdir(parents=True)
         (kdir / "kernel.json").write_text(json.dumps({
-            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}", "--log-level=ERROR"],
+            "argv": [sys.executable, "-c", KERNEL_MAIN, "-f", "{connection_file}", "--log-level=ERROR"],
             "display_name": "critlib (this interpreter)", "language": "python"}))
         old = os.environ.get("JUPYTER_PATH")
         os.environ["JUPYTER_PATH"] = d + (os.pathsep + old if old else "")
