@@ -461,7 +461,7 @@ def _memory_ab(args, rec: dict, model, ids, dev, k: int, kt: int) -> dict:
             _sync(dev)
             t, c = time.perf_counter(), time.process_time()
             with memory_saving(model, checkpointing=ckpt, sparse_embedding=rows):
-                sensitivity.analyze(model, ids, [args.metric], topk_global=k, topk_per_layer=kt,
+                sensitivity.analyze(model, ids, args.metric.split(","), topk_global=k, topk_per_layer=kt,
                                     batch_size=ids.shape[0], chunk_size=args.chunk, progress=False)
             _sync(dev)
             if r >= args.warmup:
@@ -534,7 +534,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2, help="sequences scored (all in one micro-batch)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--heldout", type=int, default=0, help="held-out windows in the phase1 stages")
-    ap.add_argument("--metric", default="grad_x_weight")
+    ap.add_argument("--metric", default="grad_x_weight", help="memory_ab: a comma-separated list is scored together")
     ap.add_argument("--fisher-batch", type=int, default=0, help="sequences of the fisher stage (default: --batch)")
     ap.add_argument("--kernel-on-cpu", action="store_true", help="digest: time the fused kernel's torch path too")
     ap.add_argument("--timeout", type=float, default=0, help="seconds per stage (0: none)")

@@ -16,7 +16,7 @@ The estimate adds what is alive at the busiest moment of a pass (all in bytes):
   gradient instead ([tokens, vocab]). Every other tensor: its gradient and fp32 scores, one tensor at a
   time; with several micro-batches every gradient is kept between them;
 - Fisher sums: one accumulator of every parameter in `fisher_dtype`;
-- the statistics' second pass: per metric, group and wanted bin a 2¹⁶-entry int64 histogram.
+- the statistics' second pass: per metric, group and wanted bin (about ten) a 2¹⁶-entry int64 histogram.
 
 Measured against it (BENCHMARKS.md, "Memory of a default critlib score"): the Llama-3.2-1B shape, fp32,
 2×128 tokens, grad_x_weight.
@@ -110,7 +110,7 @@ def estimate(model: torch.nn.Module, metrics: list[str], n_sequences: int, seq_l
             out["fisher sums"] = sum(p.numel() for _, p in params) * torch.empty((), dtype=plan.fisher_dtype).element_size()
     if exact_stats:
         groups = sh["layers"] + 12
-        out["statistics (pass 2)"] = len(metrics) * groups * 15 * (1 << 16) * 8
+        out["statistics (pass 2)"] = len(metrics) * groups * 10 * (1 << 16) * 8  # about 10 wanted bins a group
     largest = max(p.numel() for _, p in params)
     if "magnitude" in metrics or "wanda" in metrics:  # a whole score tensor (rows of a large matrix stream)
         from .scores import ROW_BLOCK
