@@ -181,28 +181,34 @@ def _setting(plan: Plan, alt: Plan) -> str:
 
 
 def check_fits(model: torch.nn.Module, metrics: list[str], n_sequences: int, seq_len: int, plan: Plan,
-               exact_stats: bool = True, device: torch.device | None = None) -> None:
+               exact_stats: bool = True, device: torch.device | None = None, loaded: bool = True) -> None:
     """Raise CritlibError (one line) when the scoring pass would not fit in the memory available, naming
-    the setting that makes it fit. Skipped (no error) where the available memory cannot be read, for a model
-    spread over several devices, and with CRITLIB_MEMORY_CHECK=0 in the environment."""
+    the setting that makes it fit. `loaded=False` checks before loading: `model` built on the meta device
+    (shapes and dtype only, e.g. under `torch.device("meta")`), `device` where it will be loaded, and its
+    weights count too. Skipped (no error) where the available memory cannot be read, for a model spread
+    over several devices, and with CRITLIB_MEMORY_CHECK=0 in the environment."""
     if os.environ.get("CRITLIB_MEMORY_CHECK", "1") == "0":
         return
     devices = {p.device for p in model.parameters()}
-    if len(devices) != 1:
+    if len(devices) != 1 or (device is None and not loaded):
         return
     device = device or next(iter(devices))
     avail = available(device)
     if avail is None:
         return
-    needed = need(estimate(model, metrics, n_sequences, seq_len, plan, exact_stats))
+    weights = 0 if loaded else sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def total(p: Plan) -> int:
+        return weights + need(estimate(model, metrics, n_sequences, seq_len, p, exact_stats))
+    needed = total(plan)
     if needed <= avail:
         return
     where = "free GPU memory" if device.type == "cuda" else "available RAM"
-    head = (f"scoring would need about {needed / GIB:.1f} GiB beyond the loaded model, but {avail / GIB:.1f} GiB "
-            f"of {where} is left")
+    what = "scoring would need about" if loaded else "loading the model and scoring would need about"
+    head = (f"{what} {needed / GIB:.1f} GiB {'beyond the loaded model' if loaded else 'in all'}, but "
+            f"{avail / GIB:.1f} GiB of {where} is left")
     for alt in _alternatives(plan, metrics, n_sequences):
-        alt_need = need(estimate(model, metrics, n_sequences, seq_len, alt, exact_stats))
-        if alt_need <= avail:
+        if (alt_need := total(alt)) <= avail:
             raise CritlibError(f"{head}; set {_setting(plan, alt)} (about {alt_need / GIB:.1f} GiB), or free memory "
                                "(CRITLIB_MEMORY_CHECK=0 skips this check)")
     raise CritlibError(f"{head}, and no memory setting brings it under that; load the model in bf16 "

@@ -126,3 +126,34 @@ def test_memory_params_default_to_auto_and_take_booleans():
     assert make_params({"gradient_checkpointing": True, "sparse_embedding_grad": "auto"}).gradient_checkpointing is True
     with pytest.raises(CritlibError, match="gradient_checkpointing must be true, false or auto"):
         load_params(None, ["gradient_checkpointing=sometimes"])
+
+
+def test_a_default_critlib_score_takes_the_memory_saving_path(tmp_path, monkeypatch):
+    """`critlib score` with default params (auto): the layers replayed, the tied embedding/lm_head gradient in
+    row blocks, the fit checked for that plan; with both set to false, none of it."""
+    import critlib.scores as scores
+    from critlib.run.commands import score
+    blocks, plans = [], []
+    block = scores._Blocked.block
+    monkeypatch.setattr(scores._Blocked, "block", lambda self, *a: blocks.append(1) or block(self, *a))
+    check = memory.check_fits
+    monkeypatch.setattr(memory, "check_fits", lambda model, m, n, t, plan, exact: plans.append(plan) or
+                        check(model, m, n, t, plan, exact))
+    base = ["model=tiny-llama", "data=random", "n_sequences=2", "n_heldout=0", "topk_global=20",
+            "topk_per_layer=3", "metrics=grad_x_weight"]
+    score(load_params(None, base), tmp_path / "auto", progress=False)
+    assert blocks and plans[-1] == Plan(True, True, 8)
+    blocks.clear()
+    score(load_params(None, base + ["gradient_checkpointing=false", "sparse_embedding_grad=false"]),
+          tmp_path / "off", progress=False)
+    assert not blocks and plans[-1] == Plan(False, False, 8)
+
+
+def test_before_loading_the_weights_count_too(llama_1b, monkeypatch):
+    """Called on a meta-device model before loading (loaded=False), the weights are part of what must fit."""
+    both = need(estimate(llama_1b, ["grad_x_weight"], 2, 128, BOTH))
+    monkeypatch.setattr(memory, "available", lambda device: both + weights(llama_1b) // 2)
+    check_fits(llama_1b, ["grad_x_weight"], 2, 128, BOTH)  # loaded: the weights are already resident
+    with pytest.raises(CritlibError, match=r"loading the model and scoring would need about 5\.\d GiB in all"):
+        check_fits(llama_1b, ["grad_x_weight"], 2, 128, BOTH, device=torch.device("cpu"), loaded=False)
+    check_fits(llama_1b, ["grad_x_weight"], 2, 128, BOTH, loaded=False)  # no target device: nothing to check
