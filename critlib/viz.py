@@ -427,18 +427,63 @@ def dose_response(summary: pd.DataFrame, value: str = "ppl_ratio", log_y: bool =
 
 # ---------------------------------------------------------------- phase 4
 
-def super_weight_bars(records: list[dict]) -> go.Figure:
-    """Perplexity ratio when each super weight alone is zeroed, against random weights of the same tensor."""
-    labels = [f"{r['param']}[{r['row']},{r['col']}]" for r in records]
+def super_weight_candidates(candidates: list[dict], effect_size: float) -> go.Figure:
+    """Each candidate's perplexity ratio when zeroed alone with its 95% interval (confirmed ones in red), the
+    same-tensor random control's mean and t-interval where it was drawn, and the effect-size line."""
+    labels = [f"L{r['layer']} [{r['row']},{r['col']}]" for r in candidates]
+    ratio = [r["ppl_ratio_when_zeroed"] for r in candidates]
+    ctl = [(x, r) for x, r in zip(labels, candidates) if r.get("random_n") and r.get("random_ppl_ratio_hi") is not None]
     fig = go.Figure([
-        go.Bar(x=labels, y=[r.get("ppl_ratio_when_zeroed") for r in records], name="super weight zeroed",
-               marker_color=PALETTE[1]),
-        go.Bar(x=labels, y=[r.get("random_ppl_ratio_mean") for r in records], name="random weight of the same tensor",
-               marker_color=PALETTE[7],
-               error_y=dict(type="data", array=[r.get("random_ppl_ratio_std") or 0 for r in records])),
+        go.Bar(x=labels, y=ratio, marker_color=[PALETTE[1] if r["confirmed"] else PALETTE[7] for r in candidates],
+               name="candidate zeroed (red: confirmed)",
+               error_y=dict(type="data", symmetric=False,
+                            array=[r["ppl_ratio_when_zeroed_hi"] - v for r, v in zip(candidates, ratio)],
+                            arrayminus=[v - r["ppl_ratio_when_zeroed_lo"] for r, v in zip(candidates, ratio)]),
+               customdata=[[r["verdict"], r["param"]] for r in candidates],
+               hovertemplate="%{customdata[1]}<br>ppl ratio %{y:.4g}: %{customdata[0]}<extra></extra>"),
+        go.Scatter(x=[x for x, _ in ctl], y=[r["random_ppl_ratio_mean"] for _, r in ctl], mode="markers",
+                   name="random weight of the same tensor (drawn past the effect size)",
+                   marker=dict(color=PALETTE[0], symbol="line-ew", size=26, line=dict(width=3)),
+                   error_y=dict(type="data", symmetric=False,
+                                array=[r["random_ppl_ratio_hi"] - r["random_ppl_ratio_mean"] for _, r in ctl],
+                                arrayminus=[r["random_ppl_ratio_mean"] - r["random_ppl_ratio_lo"] for _, r in ctl])),
     ])
-    fig.update_yaxes(type="log", title="held-out perplexity ratio")
-    fig.update_layout(barmode="group", title="Zeroing one weight: super weight vs random control", height=440)
+    fig.add_hline(y=effect_size, line_dash="dash", annotation_text="sw_effect_size")
+    fig.update_yaxes(type="log", title="held-out perplexity ratio (95% interval)")
+    fig.update_layout(title="Zeroing one candidate: confirmed vs candidates, against the random control", height=460)
+    return fig
+
+
+def spike_ratios(detection: dict) -> go.Figure:
+    """Each block's spike ratio (largest |down-projection output| over the other blocks' median) on every
+    detection prompt, with the `sw_spike_ratio` threshold."""
+    fig = go.Figure()
+    for i, prof in enumerate(detection["profiles"]):
+        label = detection["prompts"][i]["text"] or f"prompt {i} (ids)"
+        fig.add_trace(go.Scatter(
+            x=[str(b["layer"]) for b in prof], y=[b["spike_ratio"] for b in prof], mode="lines+markers",
+            name=label[:40], customdata=[[b["out_max"], b["in_channel"], b["out_channel"], b["position"]] for b in prof],
+            hovertemplate="layer %{x}: ratio %{y:.3g}, max |out| %{customdata[0]:.4g}<br>in ch %{customdata[1]} → "
+                          "out ch %{customdata[2]} at token %{customdata[3]}<extra></extra>"))
+    fig.add_hline(y=detection["spike_ratio"], line_dash="dash", annotation_text="sw_spike_ratio")
+    fig.update_yaxes(type="log", title="max |down_proj output| / median of the other blocks")
+    fig.update_xaxes(title="layer", type="category")
+    fig.update_layout(title="Spike ratio per block on each detection prompt", height=440)
+    return fig
+
+
+def position_damage(positions: pd.DataFrame, by: list[str], title: str, controls: tuple[str, ...] = ()) -> go.Figure:
+    """Mean NLL increase per token (nats) by token-position bucket, one line per group of `by` (dotted for
+    the `controls` selectors): where in the context an intervention's damage lands."""
+    fig = go.Figure()
+    for key, d in positions.groupby(by, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        name = ", ".join(f"{c}={v}" if c == "k" else str(v) for c, v in zip(by, key))
+        fig.add_trace(go.Scatter(x=[f"{a}–{b - 1}" for a, b in zip(d["start"], d["stop"])], y=d["nll_increase"],
+                                 mode="lines+markers", name=name.replace("k=", "K="),
+                                 line=dict(dash="dot" if key[0] in controls else None)))
+    fig.update_layout(title=title, height=460, xaxis=dict(title="token positions (predicted token)", type="category"),
+                      yaxis=dict(title="mean NLL increase per token (nats)"))
     return fig
 
 

@@ -85,7 +85,6 @@ sw_prompts = None
 sw_random_draws = None
 
 # %%
-import plotly.graph_objects as go
 from IPython.display import Markdown, display
 
 from critlib import summary, viz
@@ -141,15 +140,8 @@ s[s["k"] == s["k"].max()][["selector", "method", "method_arg", "k", "n_changed_m
 
 # %%
 pos = r3["positions"]
-fig = go.Figure()
-for (sel, k), d in pos.groupby(["selector", "k"], sort=False):
-    fig.add_trace(go.Scatter(x=[f"{a}–{b - 1}" for a, b in zip(d["start"], d["stop"])], y=d["nll_increase"],
-                             mode="lines+markers", name=f"{sel}, K={k}",
-                             line=dict(dash="dot" if sel in ("random", "magnitude") else None)))
-fig.update_layout(title=f"NLL increase by token position ({ws['name']})", height=460,
-                  xaxis=dict(title="token positions (predicted token)", type="category"),
-                  yaxis=dict(title="mean NLL increase per token (nats)"))
-fig
+viz.position_damage(pos, ["selector", "k"], f"NLL increase by token position ({ws['name']})",
+                    controls=("random", "magnitude"))
 
 # %%
 pos.pivot_table(index=["selector", "k"], columns="start", values="nll_increase", sort=False).round(4)

@@ -88,7 +88,6 @@ sw_random_draws = None
 
 # %%
 import pandas as pd
-import plotly.graph_objects as go
 from IPython.display import Markdown, display
 
 from critlib import summary, viz
@@ -113,20 +112,7 @@ display(Markdown(
 # prompt; the dashed line is `sw_spike_ratio`. Below it, the first prompt's maxima themselves.
 
 # %%
-prompts = r4["detection"]["prompts"]
-fig = go.Figure()
-for i, prof in enumerate(r4["detection"]["profiles"]):
-    label = prompts[i]["text"] or f"prompt {i} (ids)"
-    fig.add_trace(go.Scatter(
-        x=[str(b["layer"]) for b in prof], y=[b["spike_ratio"] for b in prof], mode="lines+markers",
-        name=label[:40], customdata=[[b["out_max"], b["in_channel"], b["out_channel"], b["position"]] for b in prof],
-        hovertemplate="layer %{x}: ratio %{y:.3g}, max |out| %{customdata[0]:.4g}<br>in ch %{customdata[1]} → "
-                      "out ch %{customdata[2]} at token %{customdata[3]}<extra></extra>"))
-fig.add_hline(y=r4["detection"]["spike_ratio"], line_dash="dash", annotation_text="sw_spike_ratio")
-fig.update_yaxes(type="log", title="max |down_proj output| / median of the other blocks")
-fig.update_xaxes(title="layer", type="category")
-fig.update_layout(title="Spike ratio per block on each detection prompt", height=440)
-fig
+viz.spike_ratios(r4["detection"])
 
 # %%
 viz.activation_profile(r4["detection"]["profile"])
@@ -149,29 +135,7 @@ table
 
 # %%
 if cands:
-    labels = [f"L{r['layer']} [{r['row']},{r['col']}]" for r in cands]
-    colour = [viz.PALETTE[1] if r["confirmed"] else viz.PALETTE[7] for r in cands]
-    ratio = [r["ppl_ratio_when_zeroed"] for r in cands]
-    ctl = [r if r["random_n"] and r["random_ppl_ratio_hi"] is not None else None for r in cands]
-    fig = go.Figure([
-        go.Bar(x=labels, y=ratio, marker_color=colour, name="candidate zeroed (red: confirmed)",
-               error_y=dict(type="data", symmetric=False,
-                            array=[r["ppl_ratio_when_zeroed_hi"] - v for r, v in zip(cands, ratio)],
-                            arrayminus=[v - r["ppl_ratio_when_zeroed_lo"] for r, v in zip(cands, ratio)]),
-               customdata=[[r["verdict"], r["param"]] for r in cands],
-               hovertemplate="%{customdata[1]}<br>ppl ratio %{y:.4g}: %{customdata[0]}<extra></extra>"),
-        go.Scatter(x=[x for x, r in zip(labels, ctl) if r], y=[r["random_ppl_ratio_mean"] for r in ctl if r],
-                   mode="markers", name="random weight of the same tensor (drawn past the effect size)",
-                   marker=dict(color=viz.PALETTE[0], symbol="line-ew", size=26, line=dict(width=3)),
-                   error_y=dict(type="data", symmetric=False,
-                                array=[r["random_ppl_ratio_hi"] - r["random_ppl_ratio_mean"] for r in ctl if r],
-                                arrayminus=[r["random_ppl_ratio_mean"] - r["random_ppl_ratio_lo"] for r in ctl if r])),
-    ])
-    fig.add_hline(y=r4["rule"]["effect_size"], line_dash="dash", annotation_text="sw_effect_size")
-    fig.update_yaxes(type="log", title="held-out perplexity ratio (95% interval)")
-    fig.update_layout(title="Zeroing one candidate: confirmed vs candidates, against the random control",
-                      height=460)
-    display(fig)
+    display(viz.super_weight_candidates(cands, r4["rule"]["effect_size"]))
 else:
     display(Markdown("No candidate: no block spikes on any prompt, so there is nothing to confirm."))
 
@@ -203,11 +167,7 @@ pos = pd.DataFrame([dict(p, weight=f"L{r['layer']} [{r['row']},{r['col']}]") for
                     for p in r["positions_when_zeroed"]])
 if len(pos):
     display(pos.pivot(index=["start", "stop"], columns="weight", values="nll_increase"))
-    fig = go.Figure([go.Bar(x=[f"{a}–{b - 1}" for a, b in zip(g["start"], g["stop"])], y=g["nll_increase"], name=w)
-                     for w, g in pos.groupby("weight", sort=False)])
-    fig.update_layout(barmode="group", title="NLL increase by token position when zeroed alone", height=400,
-                      xaxis_title="token positions", yaxis_title="NLL increase (nats / token)")
-    display(fig)
+    display(viz.position_damage(pos, ["weight"], "NLL increase by token position when zeroed alone"))
 else:
     display(Markdown("No confirmed super weight."))
 

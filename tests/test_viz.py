@@ -290,3 +290,42 @@ def test_flips_to_break_bars_median_of_draws_and_unbroken_runs():
     df.loc[df["order"] == "random_bits", "n_flips"] = pd.NA
     median = viz.flips_to_break_bars(df).data[1]
     assert list(median.y) == [64] and list(median.text) == ["> 64"]
+
+
+def _candidate(layer, ratio, lo, hi, confirmed, control=None):
+    r = dict(layer=layer, row=1, col=2, param=f"model.layers.{layer}.mlp.down_proj.weight", confirmed=confirmed,
+             verdict="confirmed" if confirmed else "below the effect size", ppl_ratio_when_zeroed=ratio,
+             ppl_ratio_when_zeroed_lo=lo, ppl_ratio_when_zeroed_hi=hi, random_n=0, random_ppl_ratio_hi=None)
+    if control:
+        r.update(random_n=8, random_ppl_ratio_mean=control[0], random_ppl_ratio_lo=control[1],
+                 random_ppl_ratio_hi=control[2])
+    return r
+
+
+def test_super_weight_candidates_draw_every_interval_and_only_drawn_controls():
+    cands = [_candidate(11, 6.4, 5.2, 7.9, True, (1.0, 0.99, 1.01)), _candidate(28, 1.003, 0.99, 1.02, False)]
+    fig = viz.super_weight_candidates(cands, 1.05)
+    bars, ctl = fig.data
+    assert list(bars.y) == [6.4, 1.003] and bars.marker.color[0] != bars.marker.color[1]
+    assert list(bars.error_y.array) == pytest.approx([7.9 - 6.4, 1.02 - 1.003])
+    assert list(bars.error_y.arrayminus) == pytest.approx([6.4 - 5.2, 1.003 - 0.99])
+    assert list(ctl.x) == ["L11 [1,2]"] and list(ctl.error_y.array) == pytest.approx([0.01])
+    assert fig.layout.shapes[0].y0 == 1.05 and fig.layout.yaxis.type == "log"
+
+
+def test_spike_ratios_one_line_per_prompt_and_the_threshold():
+    prof = [dict(layer=i, spike_ratio=r, out_max=r * 2, in_channel=1, out_channel=2, position=0)
+            for i, r in enumerate([1.0, 30.0, 0.8])]
+    det = {"prompts": [{"text": "a"}, {"text": ""}], "profiles": [prof, prof], "spike_ratio": 10.0}
+    fig = viz.spike_ratios(det)
+    assert [t.name for t in fig.data] == ["a", "prompt 1 (ids)"] and list(fig.data[0].y) == [1.0, 30.0, 0.8]
+    assert fig.layout.shapes[0].y0 == 10.0
+
+
+def test_position_damage_one_line_per_group_controls_dotted():
+    pos = pd.DataFrame([dict(selector=s, k=k, start=a, stop=b, nll_increase=v)
+                        for s, k, v in [("top:wanda", 10, 0.5), ("random", 10, 0.0)]
+                        for a, b in [(0, 8), (8, 16)]])
+    fig = viz.position_damage(pos, ["selector", "k"], "t", controls=("random",))
+    assert [t.name for t in fig.data] == ["top:wanda, K=10", "random, K=10"]
+    assert list(fig.data[0].x) == ["0–7", "8–15"] and fig.data[1].line.dash == "dot" and fig.data[0].line.dash is None
