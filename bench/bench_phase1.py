@@ -235,7 +235,7 @@ def worker(args) -> dict:
         spent["rank_stats_s"] = spent["rank_stats_cpu_s"] = 0.0
         multi.COUNTS.clear()
         with memory_saving(model, checkpointing=low, sparse_embedding=low):
-            sensitivity.analyze(model, ids, [metric], topk_global=k, topk_per_layer=kt, batch_size=ids.shape[0],
+            sensitivity.analyze(model, ids, metrics=[metric], topk_global=k, topk_per_layer=kt, batch_size=ids.shape[0],
                                 exact_stats=stage == "twopass", chunk_size=args.chunk, progress=False,
                                 kernel="off" if stage.endswith("_nokernel") else "auto")
         return spent["rank_stats_s"]
@@ -461,7 +461,7 @@ def _memory_ab(args, rec: dict, model, ids, dev, k: int, kt: int) -> dict:
             _sync(dev)
             t, c = time.perf_counter(), time.process_time()
             with memory_saving(model, checkpointing=ckpt, sparse_embedding=rows):
-                sensitivity.analyze(model, ids, args.metric.split(","), topk_global=k, topk_per_layer=kt,
+                sensitivity.analyze(model, ids, metrics=args.metric.split(","), topk_global=k, topk_per_layer=kt,
                                     batch_size=ids.shape[0], chunk_size=args.chunk, progress=False)
             _sync(dev)
             if r >= args.warmup:

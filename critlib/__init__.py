@@ -7,7 +7,7 @@ The names a user imports, loaded on first use (so `import critlib` stays light):
 
     loaded = load_model("default", "fp32", "cpu", 0)          # the embedded SmolLM2-135M-Instruct
     windows = load_windows("default", loaded.tokenizer, 128, 8, 8)
-    sens = analyze(loaded.model, windows.score, ["grad_x_weight", "magnitude"], topk_global=100)
+    sens = analyze(loaded.model, windows.score, metrics=["grad_x_weight", "magnitude"], topk_global=100)
     sens.global_top("grad_x_weight", 5)                       # [(param, flat index, score), ...]
     sens.stats["grad_x_weight"]["global"]["percentiles"]       # exact, over every weight
     base = evaluate(loaded.model, windows.heldout)
@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load_model": "models", "load_windows": "data", "score_model": "scores", "analyze": "sensitivity",
-    "Sensitivity": "sensitivity", "Selection": "perturb", "perturbed": "perturb",
+    "AnalyzeConfig": "sensitivity", "Sensitivity": "sensitivity", "Selection": "perturb", "perturbed": "perturb",
     "select_top": "perturb", "select_random": "perturb", "Zero": "perturb", "SignFlip": "perturb",
     "Noise": "perturb", "BitFlip": "perturb", "dose_response": "experiments",
     "find_super_weights": "superweights", "default_prompt_ids": "superweights", "fingerprint": "integrity",

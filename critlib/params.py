@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from . import CritlibError
-from .metrics import ALL
+from .metrics import ALL, checked
 
 METRICS = ALL
 DTYPES = ("fp32", "bf16", "fp16")
@@ -103,16 +103,7 @@ class Params:
         for key in ("topk_per_layer", "topk_global"):
             if int(getattr(self, key)) <= 0:
                 raise CritlibError(f"{key}={getattr(self, key)} must be ≥ 1")
-        if isinstance(self.metrics, str):
-            self.metrics = [m.strip() for m in self.metrics.split(",") if m.strip()]
-        if not self.metrics:
-            raise CritlibError(f"metrics is empty; name at least one metric, e.g. metrics=magnitude; choose from: "
-                               f"{', '.join(METRICS)}")
-        for m in self.metrics:
-            if m not in METRICS:
-                raise CritlibError(f"unknown metric '{m}'; choose from: {', '.join(METRICS)}")
-        if len(set(self.metrics)) != len(self.metrics):
-            raise CritlibError(f"metrics lists a metric twice: {self.metrics}")
+        self.metrics = checked(self.metrics)
         self.dtype = _dtype_name("dtype", self.dtype, DTYPES)
         for key in ("gradient_checkpointing", "sparse_embedding_grad"):
             setattr(self, key, _auto_bool(key, getattr(self, key)))

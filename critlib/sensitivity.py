@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+import numbers
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import pandas as pd
@@ -20,9 +21,10 @@ from .bins import step_for
 from .distributed import Reducer, shard
 from .distributed import active as dist_active
 from .io import atomic_path
-from .kernels import Backend, multi, resolve_backend
+from .kernels import Backend, backend_named, multi, resolve_backend
 from .kernels import score as kernel_score
 from .layout import Part, component_at, is_token_matrix, layer_of, parts_of
+from .metrics import checked
 from .rank import TopK, merge, topk_chunked
 from .scores import release_memory, saving_of, score_model, scored_parameters
 from .stats import Stats, summarize
@@ -138,8 +140,8 @@ class _Sink:
 
 
 class _Fold(_Sink):
-    """Pass 1 of a tensor whose scores come in row blocks, folded in exactly as `emit1` folds the whole
-    tensor: its top-K (and bottom-K) the merge of each block's exact top-K, and its statistics the same
+    """Pass 1 of a tensor whose scores come in row blocks, folded in exactly as `Collector.emit1` folds the
+    whole tensor: its top-K (and bottom-K) the merge of each block's exact top-K, and its statistics the same
     `summarize` rows of the same chunks (blocks hold whole chunks), merged once, with the same cell total."""
 
     def __init__(self, shape, step: int, chunk_size: int, keep_top, k: int, keep_bottom, k_bottom: int,
@@ -179,62 +181,127 @@ def check_k(model: torch.nn.Module, topk_per_layer: int, topk_global: int) -> No
         raise CritlibError(f"topk_global={topk_global} exceeds the model's {total} weights; lower it")
 
 
-def analyze(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], topk_global: int = 1000,
-            topk_per_layer: int = 100, batch_size: int = 8, exact_stats: bool = True,
-            chunk_size: int = 1 << 30, fisher_dtype: torch.dtype = torch.float32,
-            progress: bool = True, bottomk: int = 0, distributed: bool | None = None,
-            kernel: str = "auto", check_memory: bool = True) -> Sensitivity:
-    """Score `windows` by each metric; keep exact top-K (and, with `bottomk`, bottom-K) candidates and
-    statistics over every weight. With `distributed` (default: whenever a torch.distributed group of several
-    ranks runs) each rank scores its share of `windows` and gradients are summed over ranks, so every rank
-    returns the result of scoring all of `windows` (see critlib.distributed). `kernel` (auto, triton, torch,
-    off; see critlib.kernels.resolve_backend) lets pass 1 rank and summarise grad_x_weight and grad_squared from one
-    read of each weight and gradient, and pass 2 score them a slice at a time: no whole score tensor.
-    `check_memory`: refuse, before any gradient is made, a pass that would not fit in the memory available
-    (critlib.memory.check_fits, for the `memory_saving` choices the model is under)."""
-    check_k(model, topk_per_layer, topk_global)
-    distributed = dist_active() if distributed is None else distributed and dist_active()
-    reduce = Reducer() if distributed else None
-    if distributed:
-        windows = shard(windows)
-    if check_memory:
-        from .memory import Plan, check_fits
-        check_fits(model, metrics, windows.shape[0], windows.shape[1],
-                   Plan(*saving_of(model), batch_size, fisher_dtype), exact_stats)
-    params = scored_parameters(model)
-    config = getattr(model, "config", None)
-    order = [n for n, _ in params]
-    shapes = {n: tuple(p.shape) for n, p in params}
-    parts = {n: parts_of(n, shapes[n], config) for n in order}
-    groups = {n: _groups(n, parts[n]) for n in order}
-    k_cand = max(topk_global, topk_per_layer)
-    topk = {m: TopK(k_cand, chunk_size) for m in metrics}
-    stats = {m: Stats(chunk_size) for m in metrics}
-    bottom = {m: TopK(bottomk, chunk_size) for m in metrics} if bottomk > 0 else {}
+@dataclass(frozen=True)
+class AnalyzeConfig:
+    """The settings of `analyze`, checked when made. `topk_global` and `topk_per_layer`: the candidates kept
+    of each metric, over the model and per tensor; `bottomk`: how many lowest-scored weights to keep as well
+    (0: none). `exact_stats`: a second pass pins exact percentiles (else they hold within their stated
+    bound). `chunk_size`: most elements ranked or summarised at once. `kernel` (auto, triton, torch, off;
+    see critlib.kernels.resolve_backend): lets pass 1 rank and summarise grad_x_weight and grad_squared from
+    one read of each weight and gradient, and pass 2 score them a slice at a time. `check_memory`: refuse,
+    before any gradient is made, a pass that would not fit in the memory available (critlib.memory.check_fits).
+    `distributed` (None: whenever a torch.distributed group of several ranks runs): each rank scores its
+    share of the windows and gradients are summed over ranks (critlib.distributed)."""
+    metrics: tuple[str, ...]
+    topk_global: int = 1000
+    topk_per_layer: int = 100
+    batch_size: int = 8
+    exact_stats: bool = True
+    chunk_size: int = 1 << 30
+    fisher_dtype: torch.dtype = torch.float32
+    bottomk: int = 0
+    kernel: str = "auto"
+    check_memory: bool = True
+    distributed: bool | None = None
 
-    cells: dict[str, dict[tuple[int | None, str], list]] = {m: {} for m in metrics}
+    def __post_init__(self):
+        object.__setattr__(self, "metrics", tuple(checked(self.metrics)))
+        for key in ("topk_global", "topk_per_layer", "batch_size", "chunk_size", "bottomk"):
+            value, least = getattr(self, key), 0 if key == "bottomk" else 1
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
+                raise CritlibError(f"{key}={value!r} must be an integer ≥ {least}")
+        if self.fisher_dtype not in (torch.float32, torch.bfloat16):
+            raise CritlibError(f"fisher_dtype={self.fisher_dtype} must be torch.float32 or torch.bfloat16")
+        backend_named(self.kernel)
 
-    def emit1(metric, name, s):
-        topk[metric].add(name, s)
-        if bottom:
-            bottom[metric].add(name, -s)
-        _feed(stats[metric], groups[name], s, cells[metric], layer_of(name))
 
-    backend = resolve_backend(kernel, next(model.parameters()).device, fallback=Backend.OFF)
+def _config(config: AnalyzeConfig | None, settings: dict) -> AnalyzeConfig:
+    """`config` with `settings` (AnalyzeConfig fields) put over it; without a config, `settings` name metrics."""
+    if config is not None and not isinstance(config, AnalyzeConfig):
+        raise CritlibError(f"analyze's third argument is an AnalyzeConfig, not a {type(config).__name__}; "
+                           "pass metrics by name: metrics=[...]")
+    names = [f.name for f in fields(AnalyzeConfig)]
+    unknown = [k for k in settings if k not in names]
+    if unknown:
+        raise CritlibError(f"analyze has no setting {', '.join(unknown)}; choose from: {', '.join(names)}")
+    if config is None:
+        if "metrics" not in settings:
+            raise CritlibError("analyze needs metrics: pass metrics=[...], e.g. metrics=['grad_x_weight'], "
+                               "or an AnalyzeConfig")
+        return AnalyzeConfig(**settings)
+    return replace(config, **settings)
 
-    batch = multi.Pass1(k_cand, backend, stats, topk, lambda name: _unsplit(groups[name]),  # many tensors a launch
-                        lambda m, name, n, total: _add_cell(cells[m], layer_of(name), _unsplit(groups[name]), n, total))
 
-    def fused1(metric, name, w, g):
-        if backend is Backend.OFF or bottom or _unsplit(groups[name]) is None:  # bottom-K, split tensors: scores
+class Collector:
+    """What `analyze` keeps of one model while scores stream past: each metric's top-K (and bottom-K)
+    candidates, statistics and (layer, component) cells, and, in pass 2, the scores gathered at the union
+    of the metrics' global top-K. `emit`, `fused` and `rows` of each pass are what `score_model` calls."""
+
+    def __init__(self, model: torch.nn.Module, config: AnalyzeConfig):
+        self.config = config
+        params = scored_parameters(model)
+        self.order = [n for n, _ in params]
+        self.shapes = {n: tuple(p.shape) for n, p in params}
+        self.parts = {n: parts_of(n, self.shapes[n], getattr(model, "config", None)) for n in self.order}
+        self.groups = {n: _groups(n, self.parts[n]) for n in self.order}
+        metrics, chunk_size = config.metrics, config.chunk_size
+        self.k = max(config.topk_global, config.topk_per_layer)
+        self.topk = {m: TopK(self.k, chunk_size) for m in metrics}
+        self.stats = {m: Stats(chunk_size) for m in metrics}
+        self.bottom = {m: TopK(config.bottomk, chunk_size) for m in metrics} if config.bottomk > 0 else {}
+        self.cells: dict[str, dict[tuple[int | None, str], list]] = {m: {} for m in metrics}
+        device = next(model.parameters()).device
+        self.backend = resolve_backend(config.kernel, device, fallback=Backend.OFF)
+        self.step = step_for(device, chunk_size)
+        self.batch = multi.Pass1(self.k, self.backend, self.stats, self.topk, self.unsplit, self._cell)
+        self.unscored: dict[str, list[str]] = {}
+        self.hist: dict[str, torch.Tensor] = {}
+        self.idx: dict[str, torch.Tensor] = {}  # pass 2: the flat indices of each tensor to gather
+        self.gathered: dict[str, dict[tuple[str, int], float]] = {m: {} for m in metrics}
+
+    def unsplit(self, name: str) -> list[str] | None:
+        return _unsplit(self.groups[name])
+
+    def _cell(self, metric: str, name: str, n: int, total: torch.Tensor) -> None:
+        _add_cell(self.cells[metric], layer_of(name), self.unsplit(name), n, total)
+
+    def pass1(self, model: torch.nn.Module, windows: torch.Tensor, reduce, progress: bool) -> None:
+        """Rank and summarise every score; then settle the cells and histograms, and choose what pass 2 gathers."""
+        c = self.config
+        unscored = score_model(model, windows, list(c.metrics), self.emit1, c.batch_size, c.fisher_dtype, progress,
+                               "pass 1/2", reduce=reduce, fused=self.fused1, rows=self.rows1)
+        self.batch.finish()
+        release_memory()
+        self.unscored = {"wanda": unscored} if unscored else {}
+        self.cells = {m: _settle_cells(cells) for m, cells in self.cells.items()}
+        for m in c.metrics:
+            if "global" in self.stats[m].groups:
+                self.stats[m].groups["global"].settle()
+                self.hist[m] = self.stats[m].groups["global"].hist_count.clone()
+        union: dict[str, list[int]] = {}
+        if len(c.metrics) > 1:
+            for m in c.metrics:
+                for name, flat, _ in self.topk[m].global_topk(c.topk_global, self.order):
+                    union.setdefault(name, []).append(flat)
+        self.idx = {n: torch.tensor(sorted(set(v))) for n, v in union.items()}
+
+    def emit1(self, metric: str, name: str, s: torch.Tensor) -> None:
+        self.topk[metric].add(name, s)
+        if self.bottom:
+            self.bottom[metric].add(name, -s)
+        _feed(self.stats[metric], self.groups[name], s, self.cells[metric], layer_of(name))
+
+    def fused1(self, metric: str, name: str, w: torch.Tensor, g: torch.Tensor) -> bool:
+        """Batch the tensor into multi-tensor passes (many tensors a launch); bottom-K and split tensors need
+        their scores made."""
+        if self.backend is Backend.OFF or self.bottom or self.unsplit(name) is None:
             return False
-        batch.add(metric, name, w, g)
+        self.batch.add(metric, name, w, g)
         return True
 
-    step = step_for(next(model.parameters()).device, chunk_size)
-
-    def rows1(metric, name, shape):  # emit1 of a tensor given in row blocks (memory_saving's row blocks)
-        names = _unsplit(groups[name])
+    def rows1(self, metric: str, name: str, shape: tuple) -> _Fold | None:
+        """`emit1` of a tensor given in row blocks (memory_saving's row blocks)."""
+        names = self.unsplit(name)
         if names is None:
             return None
 
@@ -242,74 +309,89 @@ def analyze(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str], t
             return lambda v, i: t.add_candidates(name, *merge(v, i, t.k))
 
         def merge_stats(rows, counts, n):
-            _add_cell(cells[metric], layer_of(name), names, n, stats[metric].merge(names, rows, counts))
-        return _Fold(shape, step, chunk_size, keep(topk[metric]), k_cand,
-                     keep(bottom[metric]) if bottom else None, bottomk, merge_stats)
+            _add_cell(self.cells[metric], layer_of(name), names, n, self.stats[metric].merge(names, rows, counts))
+        bottom = keep(self.bottom[metric]) if self.bottom else None
+        return _Fold(shape, self.step, self.config.chunk_size, keep(self.topk[metric]), self.k, bottom,
+                     self.config.bottomk, merge_stats)
 
-    unscored = score_model(model, windows, metrics, emit1, batch_size, fisher_dtype, progress, "pass 1/2",
-                           reduce=reduce, fused=fused1, rows=rows1)
-    batch.finish()
-    release_memory()
-    result = Sensitivity(metrics, order, shapes, parts, topk, {}, topk_global, topk_per_layer,
-                         bottom=bottom, unscored={"wanda": unscored} if unscored else {},
-                         cells={m: _settle_cells(c) for m, c in cells.items()})
-    for m in metrics:
-        if "global" in stats[m].groups:
-            stats[m].groups["global"].settle()
-            result.hist[m] = stats[m].groups["global"].hist_count.clone()
-    union: dict[str, list[int]] = {}
-    if len(metrics) > 1:
-        for m in metrics:
-            for name, flat, _ in result.global_top(m):
-                union.setdefault(name, []).append(flat)
-    gathered: dict[str, dict[tuple[str, int], float]] = {m: {} for m in metrics}
-    if exact_stats or union:
-        for s in stats.values():
-            if exact_stats:
+    def pass2(self, model: torch.nn.Module, windows: torch.Tensor, reduce, progress: bool) -> None:
+        """The same scores again, when exact percentiles or cross-metric gathering need them."""
+        c = self.config
+        if not (c.exact_stats or self.idx):
+            return
+        if c.exact_stats:
+            for s in self.stats.values():
                 s.start_refine()
-        idx = {n: torch.tensor(sorted(set(v))) for n, v in union.items()}
+        score_model(model, windows, list(c.metrics), self.emit2, c.batch_size, c.fisher_dtype, progress, "pass 2/2",
+                    reduce=reduce, fused=self.fused2, weights_checked=True, rows=self.rows2)  # pass 1 checked them
 
-        def emit2(metric, name, s):
-            if exact_stats:
-                _feed(stats[metric], groups[name], s)
-            if name in idx:
-                vals = s.reshape(-1)[idx[name].to(s.device)].double().cpu().tolist()
-                gathered[metric].update({(name, int(f)): v for f, v in zip(idx[name].tolist(), vals)})
+    def _gather(self, metric: str, name: str, flat: torch.Tensor, vals: torch.Tensor) -> None:
+        self.gathered[metric].update({(name, int(f)): v for f, v in zip(flat.tolist(), vals.double().cpu().tolist())})
 
-        def fused2(metric, name, w, g):  # the same, scoring a slice at a time: no score tensor of the whole
-            names = _unsplit(groups[name])
-            if backend is Backend.OFF or names is None:
-                return False
-            wf, gf = w.reshape(-1), g.reshape(-1)
-            step = step_for(w.device, chunk_size)
-            for start in range(0, wf.numel(), step) if exact_stats else ():
-                stats[metric].add(names, kernel_score(wf[start:start + step], gf[start:start + step], metric))
-            if name in idx:
-                i = idx[name].to(w.device)
-                vals = kernel_score(wf[i], gf[i], metric).double().cpu().tolist()
-                gathered[metric].update({(name, int(f)): v for f, v in zip(idx[name].tolist(), vals)})
-            return True
+    def emit2(self, metric: str, name: str, s: torch.Tensor) -> None:
+        if self.config.exact_stats:
+            _feed(self.stats[metric], self.groups[name], s)
+        if name in self.idx:
+            self._gather(metric, name, self.idx[name], s.reshape(-1)[self.idx[name].to(s.device)])
 
-        def rows2(metric, name, shape):  # emit2 of a tensor given in row blocks
-            names = _unsplit(groups[name])
-            if names is None:
-                return None
-            ncols = math.prod(shape[1:])
+    def fused2(self, metric: str, name: str, w: torch.Tensor, g: torch.Tensor) -> bool:
+        """`emit2`, scoring a slice at a time: no score tensor of the whole."""
+        names = self.unsplit(name)
+        if self.backend is Backend.OFF or names is None:
+            return False
+        wf, gf = w.reshape(-1), g.reshape(-1)
+        step = step_for(w.device, self.config.chunk_size)
+        for start in range(0, wf.numel(), step) if self.config.exact_stats else ():
+            self.stats[metric].add(names, kernel_score(wf[start:start + step], gf[start:start + step], metric))
+        if name in self.idx:
+            i = self.idx[name].to(w.device)
+            self._gather(metric, name, self.idx[name], kernel_score(wf[i], gf[i], metric))
+        return True
 
-            def add(row, s):
-                if exact_stats:
-                    stats[metric].add(names, s)
-                if name in idx:
-                    f = idx[name][(idx[name] >= row * ncols) & (idx[name] < row * ncols + s.numel())]
-                    vals = s.reshape(-1)[(f - row * ncols).to(s.device)].double().cpu().tolist()
-                    gathered[metric].update({(name, int(i)): v for i, v in zip(f.tolist(), vals)})
-            return _Sink(step, add)
+    def rows2(self, metric: str, name: str, shape: tuple) -> _Sink | None:
+        """`emit2` of a tensor given in row blocks."""
+        names = self.unsplit(name)
+        if names is None:
+            return None
+        ncols = math.prod(shape[1:])
 
-        score_model(model, windows, metrics, emit2, batch_size, fisher_dtype, progress, "pass 2/2",
-                    reduce=reduce, fused=fused2, weights_checked=True, rows=rows2)  # pass 1 checked them
-    result.gathered = gathered
-    result.stats = {m: _nest(stats[m].summary()) for m in metrics}
-    return result
+        def add(row, s):
+            if self.config.exact_stats:
+                self.stats[metric].add(names, s)
+            if name in self.idx:
+                idx = self.idx[name]
+                f = idx[(idx >= row * ncols) & (idx < row * ncols + s.numel())]
+                self._gather(metric, name, f, s.reshape(-1)[(f - row * ncols).to(s.device)])
+        return _Sink(self.step, add)
+
+    def result(self) -> Sensitivity:
+        c = self.config
+        return Sensitivity(list(c.metrics), self.order, self.shapes, self.parts, self.topk,
+                           {m: _nest(self.stats[m].summary()) for m in c.metrics}, c.topk_global, c.topk_per_layer,
+                           gathered=self.gathered, bottom=self.bottom, unscored=self.unscored, hist=self.hist,
+                           cells=self.cells)
+
+
+def analyze(model: torch.nn.Module, windows: torch.Tensor, config: AnalyzeConfig | None = None, *,
+            progress: bool = True, **settings) -> Sensitivity:
+    """Score `windows` by each metric; keep exact top-K (and, with `bottomk`, bottom-K) candidates and
+    statistics over every weight. The settings (see AnalyzeConfig) come as `config`, as keywords
+    (`analyze(model, windows, metrics=["grad_x_weight"], topk_global=100)`), or both, the keywords put over
+    the config. Distributed, every rank returns the result of scoring all of `windows`."""
+    config = _config(config, settings)
+    check_k(model, config.topk_per_layer, config.topk_global)
+    distributed = dist_active() if config.distributed is None else config.distributed and dist_active()
+    reduce = Reducer() if distributed else None
+    if distributed:
+        windows = shard(windows)
+    if config.check_memory:
+        from .memory import Plan, check_fits
+        check_fits(model, list(config.metrics), windows.shape[0], windows.shape[1],
+                   Plan(*saving_of(model), config.batch_size, config.fisher_dtype), config.exact_stats)
+    collector = Collector(model, config)
+    collector.pass1(model, windows, reduce, progress)
+    collector.pass2(model, windows, reduce, progress)
+    return collector.result()
 
 
 def _nest(flat: dict) -> dict:

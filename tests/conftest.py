@@ -65,5 +65,5 @@ def sens():
     from critlib.sensitivity import analyze
     gen = torch.Generator().manual_seed(3)
     windows = torch.randint(0, 96, (4, 12), generator=gen)
-    return analyze(tiny("tiny-qwen2"), windows, ["grad_x_weight", "magnitude", "wanda"], topk_global=40,
+    return analyze(tiny("tiny-qwen2"), windows, metrics=["grad_x_weight", "magnitude", "wanda"], topk_global=40,
                    topk_per_layer=5, batch_size=2, progress=False)

@@ -57,7 +57,7 @@ def test_topk_sets_equal_full_sort(model):
 
 def test_topk_sets_match_phase1(model):
     w = _windows(2)
-    sens = analyze(model, w, METRICS, topk_global=25, topk_per_layer=5, batch_size=2, progress=False)
+    sens = analyze(model, w, metrics=METRICS, topk_global=25, topk_per_layer=5, batch_size=2, progress=False)
     one_pass = agreement.topk_sets(model, w, METRICS, 25, batch_size=2, progress=False)
     assert one_pass == agreement.top_sets(sens, 25)
 
@@ -77,7 +77,7 @@ def test_stability_table_and_baseline(model):
         assert r.comparison == ("corpus" if r.run_b == "alt" else "seed")
     mag = st[st["metric"] == "magnitude"]
     assert (mag["jaccard"] == 1.0).all()  # |w| does not depend on the data
-    sens = analyze(model, _windows(1), METRICS, topk_global=20, topk_per_layer=5, batch_size=2, progress=False)
+    sens = analyze(model, _windows(1), metrics=METRICS, topk_global=20, topk_per_layer=5, batch_size=2, progress=False)
     table = agreement.with_baseline(agreement.cross_table(sens, 20), st)
     seed_mean = st[st["comparison"] == "seed"].groupby("metric")["jaccard"].mean()
     for r in table.itertuples():
@@ -87,7 +87,7 @@ def test_stability_table_and_baseline(model):
 
 
 def test_rank_pairs_are_ranks_within_the_union(model):
-    sens = analyze(model, _windows(5), METRICS, topk_global=15, topk_per_layer=5, batch_size=2, progress=False)
+    sens = analyze(model, _windows(5), metrics=METRICS, topk_global=15, topk_per_layer=5, batch_size=2, progress=False)
     for a, b in itertools.combinations(METRICS, 2):
         df = agreement.rank_pairs(sens, a, b)
         ta = {(n, f) for n, f, _ in sens.global_top(a, 15)}

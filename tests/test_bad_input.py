@@ -71,7 +71,7 @@ def test_phase_heldout_keys_above_n_heldout_mean_all_heldout_windows():
 
 def test_topk_per_layer_larger_than_a_tensor_keeps_all_of_it(tiny_llama, windows):
     model = tiny_llama
-    res = analyze(model, windows, ["magnitude", "grad_x_weight"], topk_global=50, topk_per_layer=100,
+    res = analyze(model, windows, metrics=["magnitude", "grad_x_weight"], topk_global=50, topk_per_layer=100,
                   exact_stats=False, progress=False)
     for name, p in model.named_parameters():
         for m in res.metrics:
@@ -133,7 +133,8 @@ def _broken(value: float):
 def test_nonfinite_weight_is_an_error(windows, metric, kernel, value):
     with pytest.raises(CritlibError, match=r"model.layers.1.mlp.up_proj.weight has 2 NaN or inf weight\(s\) of \d+; "
                                            r".*check that the checkpoint is intact"):
-        analyze(_broken(value), windows, [metric], topk_global=10, topk_per_layer=5, progress=False, kernel=kernel)
+        analyze(_broken(value), windows, metrics=[metric], topk_global=10, topk_per_layer=5, progress=False,
+                kernel=kernel)
 
 
 @pytest.mark.parametrize("metric", METRICS)

@@ -23,8 +23,8 @@ def _windows(seed):
 @pytest.fixture(scope="module")
 def runs():
     model = tiny("tiny-llama")
-    return model, [analyze(model, _windows(s), ["grad_x_weight", "grad_squared"], topk_global=K, topk_per_layer=3,
-                           progress=False) for s in (0, 1, 2)]
+    return model, [analyze(model, _windows(s), metrics=["grad_x_weight", "grad_squared"], topk_global=K,
+                           topk_per_layer=3, progress=False) for s in (0, 1, 2)]
 
 
 def test_measured_values_equal_brute_force(runs):

@@ -67,7 +67,7 @@ def test_topk_on_cuda_equals_full_sort():
 
 def test_analyze_on_cuda_ranks_what_it_scores(windows):
     model = tiny("tiny-llama").cuda()
-    res = analyze(model, windows, ["grad_x_weight", "magnitude"], topk_global=40, topk_per_layer=5,
+    res = analyze(model, windows, metrics=["grad_x_weight", "magnitude"], topk_global=40, topk_per_layer=5,
                   progress=False)
     seen = {}
     score_model(model, windows, ["grad_x_weight"], lambda m, n, s: seen.__setitem__(n, s.reshape(-1).cpu()),
@@ -100,8 +100,8 @@ def test_device_map_scores_equal_one_device(tmp_path, windows):
 def test_fused_pass_on_cuda_equals_score_tensors(windows):
     model = tiny("tiny-mistral").cuda()
     metrics = ["grad_x_weight", "grad_squared"]
-    ref = analyze(model, windows, metrics, topk_global=40, topk_per_layer=5, progress=False, kernel="off")
-    got = analyze(model, windows, metrics, topk_global=40, topk_per_layer=5, progress=False, kernel="triton")
+    ref = analyze(model, windows, metrics=metrics, topk_global=40, topk_per_layer=5, progress=False, kernel="off")
+    got = analyze(model, windows, metrics=metrics, topk_global=40, topk_per_layer=5, progress=False, kernel="triton")
     for m in metrics:
         assert got.global_top(m) == ref.global_top(m)
         assert got.stats[m]["global"]["percentiles"] == ref.stats[m]["global"]["percentiles"]
@@ -170,6 +170,6 @@ def test_fused_analyze_on_cuda_uses_few_launches(windows):
     from critlib.kernels import multi
     model = tiny("tiny-llama").cuda()
     multi.COUNTS.clear()
-    analyze(model, windows, ["grad_x_weight", "grad_squared"], topk_global=40, topk_per_layer=5,
+    analyze(model, windows, metrics=["grad_x_weight", "grad_squared"], topk_global=40, topk_per_layer=5,
             progress=False, exact_stats=False, kernel="triton")
     assert multi.COUNTS["to_host"] == 1 and multi.COUNTS["launches"] <= 8, multi.COUNTS

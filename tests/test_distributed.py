@@ -41,7 +41,7 @@ def _run(model, windows, reduce=None):
         scores[(metric, name)] = s.detach().clone()
 
     score_model(model, windows, METRICS, emit, batch_size=2, progress=False, reduce=reduce)
-    res = analyze(model, windows if reduce is None else _windows(), METRICS, topk_global=40, topk_per_layer=5,
+    res = analyze(model, windows if reduce is None else _windows(), metrics=METRICS, topk_global=40, topk_per_layer=5,
                   batch_size=2, progress=False, distributed=reduce is not None)
     tops = {m: res.global_top(m) for m in METRICS}
     return scores, tops, res.stats

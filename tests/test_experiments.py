@@ -29,8 +29,8 @@ def setup():
     gen = torch.Generator().manual_seed(1)
     score = torch.randint(0, 96, (4, 12), generator=gen)
     heldout = torch.randint(0, 96, (3, 12), generator=gen)
-    sens = analyze(model, score, ["grad_x_weight", "magnitude"], topk_global=50, topk_per_layer=10, batch_size=4,
-                   progress=False, bottomk=20)
+    sens = analyze(model, score, metrics=["grad_x_weight", "magnitude"], topk_global=50, topk_per_layer=10,
+                   batch_size=4, progress=False, bottomk=20)
     return model, heldout, sens
 
 

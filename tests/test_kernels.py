@@ -219,8 +219,8 @@ def test_analyze_with_the_fused_kernel_equals_score_tensors(backend, arch, windo
     from tests.conftest import tiny
     model = tiny(arch)
     metrics = ["grad_x_weight", "grad_squared", "magnitude"]
-    ref = analyze(model, windows, metrics, topk_global=30, topk_per_layer=5, progress=False, kernel="off")
-    got = analyze(model, windows, metrics, topk_global=30, topk_per_layer=5, progress=False, kernel=backend)
+    ref = analyze(model, windows, metrics=metrics, topk_global=30, topk_per_layer=5, progress=False, kernel="off")
+    got = analyze(model, windows, metrics=metrics, topk_global=30, topk_per_layer=5, progress=False, kernel=backend)
     for m in metrics:
         assert got.global_top(m) == ref.global_top(m), m
         for name in ref.order:

@@ -108,11 +108,11 @@ def test_analyze_refuses_before_any_gradient(monkeypatch, windows):
     monkeypatch.setattr(sensitivity, "score_model", lambda *a, **k: calls.append(1))
     monkeypatch.setattr(memory, "available", lambda device: 1024)
     with pytest.raises(CritlibError, match="scoring would need about .* GiB beyond the loaded model"):
-        sensitivity.analyze(model, windows, ["grad_x_weight"], topk_global=10, topk_per_layer=2, progress=False)
+        sensitivity.analyze(model, windows, metrics=["grad_x_weight"], topk_global=10, topk_per_layer=2, progress=False)
     seen = []
     monkeypatch.setattr(memory, "check_fits", lambda model, metrics, n, t, plan, exact: seen.append(plan))
     with memory_saving(model, "auto", "auto"):
-        sensitivity.analyze(model, windows, ["grad_x_weight"], topk_global=10, topk_per_layer=2, progress=False,
+        sensitivity.analyze(model, windows, metrics=["grad_x_weight"], topk_global=10, topk_per_layer=2, progress=False,
                             batch_size=3)
     assert seen == [Plan(True, True, 3, torch.float32)]
     assert calls

@@ -333,7 +333,7 @@ def test_analyze_pass1_launches_and_waits(arch, counted, monkeypatch, windows):
         with counted:
             flush(self)
     monkeypatch.setattr(multi.Pass1, "flush", watched)
-    analyze(tiny(arch), windows, ["grad_x_weight", "grad_squared"], topk_global=30, topk_per_layer=5,
+    analyze(tiny(arch), windows, metrics=["grad_x_weight", "grad_squared"], topk_global=30, topk_per_layer=5,
             progress=False, kernel="triton", exact_stats=False)
     assert multi.COUNTS == Counter(launches=6, to_host=1), multi.COUNTS
     assert counted.ops and not counted.syncing

@@ -252,9 +252,9 @@ def test_analyze_with_row_sinks_equals_the_plain_path(arch, windows, small_block
     scores.ROW_BLOCK = 600  # (put back by small_blocks' monkeypatch) blocks of 16 rows: 2 chunks of 256
     model = tiny(arch)
     kw = {"topk_global": 30, "topk_per_layer": 5, "progress": False, "chunk_size": 256, "bottomk": 7, "batch_size": 2}
-    ref = analyze(model, windows, ALL_METRICS, **kw)
+    ref = analyze(model, windows, metrics=ALL_METRICS, **kw)
     with memory_saving(model, sparse_embedding=True):
-        got = analyze(model, windows, ALL_METRICS, **kw)
+        got = analyze(model, windows, metrics=ALL_METRICS, **kw)
     assert small_blocks
     exact = blas_sums_slices_as_the_whole()
     for m in ALL_METRICS:
@@ -294,11 +294,11 @@ def test_row_blocks_never_make_a_matrix_the_size_of_the_embedding(windows, monke
     metrics = ["grad_x_weight", "grad_squared", "magnitude", "wanda"]
     kw = {"topk_global": 30, "topk_per_layer": 5, "progress": False, "chunk_size": 64, "batch_size": 4}
     with Watch():
-        analyze(model, windows, metrics, **kw)
+        analyze(model, windows, metrics=metrics, **kw)
     assert made  # the plain path does make them: the watch sees what it should
     made.clear()
     with memory_saving(model, sparse_embedding=True), Watch():
-        analyze(model, windows, metrics, **kw)
+        analyze(model, windows, metrics=metrics, **kw)
     assert made == []
 
 

@@ -1,19 +1,23 @@
 """Phase 1's analysis (`critlib.sensitivity`): per-tensor and global rankings against full sorts, statistics
-over every weight against numpy, bottom-K, the safe cache file, and `global_topk` against `analyze`."""
+over every weight against numpy, bottom-K, the safe cache file, `global_topk` against `analyze`, and the checked
+settings of `analyze` (AnalyzeConfig)."""
 
 import numpy as np
 import pytest
 import torch
 
+from critlib import CritlibError
+from critlib.params import load_params
+from critlib.run.sensitivity import analyze_config
 from critlib.scores import score_model
-from critlib.sensitivity import analyze, global_topk
+from critlib.sensitivity import AnalyzeConfig, analyze, global_topk
 from tests.conftest import tiny
 from tests.test_rank import full_sort
 
 
 def test_per_layer_topk_equals_per_tensor_sort(windows):
     model = tiny("tiny-qwen2")
-    res = analyze(model, windows, ["grad_x_weight"], topk_global=50, topk_per_layer=8, progress=False,
+    res = analyze(model, windows, metrics=["grad_x_weight"], topk_global=50, topk_per_layer=8, progress=False,
                   chunk_size=29)
     seen = {}
     score_model(model, windows, ["grad_x_weight"], lambda m, n, s: seen.__setitem__(n, s.reshape(-1).clone()),
@@ -26,7 +30,7 @@ def test_per_layer_topk_equals_per_tensor_sort(windows):
 
 def test_bottom_k_is_lowest_scores():
     model = tiny("tiny-llama")
-    res = analyze(model, torch.zeros(1, 4, dtype=torch.long), ["magnitude"], topk_global=5, topk_per_layer=5,
+    res = analyze(model, torch.zeros(1, 4, dtype=torch.long), metrics=["magnitude"], topk_global=5, topk_per_layer=5,
                   bottomk=20, exact_stats=False, progress=False)
     allw = torch.cat([p.detach().abs().reshape(-1) for p in model.parameters()]).double().numpy()
     low = np.sort(allw)[:20]
@@ -35,7 +39,8 @@ def test_bottom_k_is_lowest_scores():
 
 def test_sensitivity_round_trips_through_a_safe_file(tmp_path, windows):
     model = tiny("tiny-gpt2")
-    res = analyze(model, windows, ["wanda", "fisher"], topk_global=12, topk_per_layer=3, bottomk=4, progress=False)
+    res = analyze(model, windows, metrics=["wanda", "fisher"], topk_global=12, topk_per_layer=3, bottomk=4,
+                  progress=False)
     res.save(tmp_path / "s.pt", {"key": "k1"})
     back, extra = type(res).load(tmp_path / "s.pt")
     assert extra == {"key": "k1"}
@@ -46,7 +51,7 @@ def test_sensitivity_round_trips_through_a_safe_file(tmp_path, windows):
 
 def test_model_statistics_cover_every_weight_and_groups_partition(windows):
     model = tiny("tiny-phi3")
-    res = analyze(model, windows, ["grad_squared", "magnitude"], topk_global=10, topk_per_layer=4,
+    res = analyze(model, windows, metrics=["grad_squared", "magnitude"], topk_global=10, topk_per_layer=4,
                   progress=False, chunk_size=101)
     everything = {}
     score_model(model, windows, ["grad_squared", "magnitude"],
@@ -66,10 +71,49 @@ def test_model_statistics_cover_every_weight_and_groups_partition(windows):
 def test_global_topk_ranks_as_analyze_does(windows):
     model = tiny("tiny-llama")
     metrics = ["grad_x_weight", "magnitude", "wanda"]
-    res = analyze(model, windows, metrics, topk_global=25, topk_per_layer=3, progress=False)
+    res = analyze(model, windows, metrics=metrics, topk_global=25, topk_per_layer=3, progress=False)
     got = global_topk(model, windows, metrics, 25)
     for m in metrics:
         assert got[m] == res.global_top(m), m
     assert global_topk(model, None, ["magnitude"], 25)["magnitude"] == res.global_top("magnitude")
     with pytest.raises(Exception, match="need scoring windows"):
         global_topk(model, None, ["grad_x_weight"], 5)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"metrics": []}, "metrics is empty"),
+    ({"metrics": ["gradx"]}, "unknown metric 'gradx'; choose from:"),
+    ({"metrics": ["magnitude", "magnitude"]}, "metrics lists a metric twice"),
+    ({"metrics": ["magnitude"], "topk_global": 0}, "topk_global=0 must be an integer ≥ 1"),
+    ({"metrics": ["magnitude"], "batch_size": 2.5}, "batch_size=2.5 must be an integer ≥ 1"),
+    ({"metrics": ["magnitude"], "bottomk": -1}, "bottomk=-1 must be an integer ≥ 0"),
+    ({"metrics": ["magnitude"], "kernel": "cuda"}, "unknown kernel 'cuda'; choose auto"),
+    ({"metrics": ["magnitude"], "fisher_dtype": torch.float16}, "fisher_dtype=torch.float16 must be"),
+    ({"metrics": ["magnitude"], "topk": 5}, "analyze has no setting topk; choose from: metrics, topk_global"),
+    ({"topk_global": 5}, "analyze needs metrics"),
+])
+def test_bad_analyze_settings_are_refused_before_scoring(settings, message):
+    with pytest.raises(CritlibError, match=message):
+        analyze(tiny("tiny-llama"), torch.zeros(1, 4, dtype=torch.long), **settings)
+
+
+def test_analyze_config_with_settings_put_over_it(windows):
+    """Keywords given with a config replace its fields (checked again); the config itself stays as it was."""
+    model = tiny("tiny-llama")
+    config = AnalyzeConfig(metrics=["grad_x_weight", "magnitude"], topk_global=12, topk_per_layer=3,
+                           exact_stats=False)
+    assert config.metrics == ("grad_x_weight", "magnitude") and AnalyzeConfig("magnitude").metrics == ("magnitude",)
+    got = analyze(model, windows, config, topk_global=20, bottomk=4, progress=False)
+    ref = analyze(model, windows, metrics=["grad_x_weight", "magnitude"], topk_global=20, topk_per_layer=3,
+                  exact_stats=False, bottomk=4, progress=False)
+    assert config.topk_global == 12 and got.topk_global == 20
+    assert got.global_top("magnitude") == ref.global_top("magnitude") and got.stats == ref.stats
+    assert got.global_bottom("grad_x_weight", 4) == ref.global_bottom("grad_x_weight", 4)
+    assert got.gathered == ref.gathered
+    with pytest.raises(CritlibError, match="topk_per_layer=0 must be"):
+        analyze(model, windows, config, topk_per_layer=0)
+    with pytest.raises(CritlibError, match="third argument is an AnalyzeConfig, not a list; pass metrics by name"):
+        analyze(model, windows, ["magnitude"])
+    p = load_params(None, ["metrics=wanda,magnitude", "fisher_dtype=bf16", "kernel=torch"])
+    assert analyze_config(p, bottomk=3, exact_stats=False) == AnalyzeConfig(
+        metrics=("wanda", "magnitude"), fisher_dtype=torch.bfloat16, kernel="torch", bottomk=3, exact_stats=False)

@@ -308,7 +308,7 @@ def test_output_is_json_ready(mattering, tmp_path):
 
 def test_rank_in_phase1_against_full_sort(heldout):
     model = planted_llama()
-    sens = analyze(model, heldout, ["magnitude"], topk_global=200, topk_per_layer=10, progress=False)
+    sens = analyze(model, heldout, metrics=["magnitude"], topk_global=200, topk_per_layer=10, progress=False)
     found = find_super_weights(model, default_prompt_ids())
     rec = rank_in_phase1([found[0].as_dict()], sens)[0]
     params = list(model.named_parameters())

@@ -56,13 +56,18 @@ def is_triton_available(device: torch.device | str | None = None) -> bool:
     return torch.cuda.is_available() and (dev is None or dev.type == "cuda")
 
 
+def backend_named(name: Backend | str) -> Backend:
+    """The backend a `kernel` setting names, or the error that lists the names."""
+    try:
+        return Backend(name)
+    except ValueError:
+        raise CritlibError(f"unknown kernel '{name}'; choose {', '.join(b.value for b in Backend)}") from None
+
+
 def resolve_backend(backend: Backend | str, device: torch.device | str, fallback: Backend = Backend.TORCH) -> Backend:
     """The backend that runs for setting `backend` on `device`: AUTO is Triton on a CUDA device with Triton
     installed, else `fallback` (the analysis passes OFF: on a CPU, whole score tensors are as fast)."""
-    try:
-        backend = Backend(backend)
-    except ValueError:
-        raise CritlibError(f"unknown kernel '{backend}'; choose {', '.join(b.value for b in Backend)}") from None
+    backend = backend_named(backend)
     if backend is Backend.AUTO:
         return Backend.TRITON if torch.device(device).type == "cuda" and is_triton_available(device) else fallback
     if backend is Backend.TRITON and not is_triton_available(device):

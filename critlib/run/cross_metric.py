@@ -10,10 +10,10 @@ from ..agreement import cross_table, stability_table, top_sets, with_baseline
 from ..claims import GXW, claims_table, is_study_family
 from ..data import load_windows
 from ..io import write_json, write_table
-from ..models import DTYPES
 from ..sensitivity import analyze
 from .context import Context, manifest
 from .headlines import write_headline
+from .sensitivity import analyze_config
 
 KEY = "02_cross_metric"
 
@@ -36,8 +36,7 @@ def run(ctx: Context, p1, outdir: str | Path, progress: bool = True) -> dict:
             w = load_windows(data, ctx.loaded.tokenizer, p.seq_len, p.n_sequences, 0, p.prepend_bos, seed,
                              p.text_field, vocab_size=vocab)
             # one pass: exact rankings, statistics within their stated bound (the claims' other seeds)
-            other = analyze(ctx.model, w.score, p.metrics, k, p.topk_per_layer, p.batch_size, False,
-                            p.chunk_size, DTYPES[p.fisher_dtype], progress, kernel=p.kernel)
+            other = analyze(ctx.model, w.score, analyze_config(p, exact_stats=False), progress=progress)
             runs[name] = top_sets(other, k)
             kinds[name] = kind
             if kind == "seed":

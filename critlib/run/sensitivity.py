@@ -3,7 +3,7 @@ held-out evaluation; `critlib score` and notebook 01 write the same files throug
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -12,8 +12,9 @@ from ..distributed import describe, is_main
 from ..evaluate import evaluate
 from ..io import write_json, write_table
 from ..models import DTYPES
+from ..params import Params
 from ..scores import memory_saving
-from ..sensitivity import Sensitivity, analyze, cross_metric, top_weights_table
+from ..sensitivity import AnalyzeConfig, Sensitivity, analyze, cross_metric, top_weights_table
 from . import cache, perturbation
 from .context import Context, manifest
 from .headlines import write_headline
@@ -38,9 +39,15 @@ def compute(ctx: Context, progress: bool = True) -> Sensitivity:
     """Scores, exact top-K and statistics of every metric, with the bottom-K Phase 3's controls need."""
     p = ctx.params
     with ctx.timer.stage("scores"), memory_saving(ctx.model, p.gradient_checkpointing, p.sparse_embedding_grad):
-        return analyze(ctx.model, ctx.windows.score, p.metrics, p.topk_global, p.topk_per_layer, p.batch_size,
-                       p.exact_stats, p.chunk_size, DTYPES[p.fisher_dtype], progress,
-                       bottomk=perturbation.bottom_k_needed(p), kernel=p.kernel)
+        return analyze(ctx.model, ctx.windows.score, analyze_config(p, bottomk=perturbation.bottom_k_needed(p)),
+                       progress=progress)
+
+
+def analyze_config(p: Params, **overrides) -> AnalyzeConfig:
+    """The `analyze` settings a run's parameters give (`overrides`: AnalyzeConfig fields a phase sets itself)."""
+    return replace(AnalyzeConfig(metrics=p.metrics, topk_global=p.topk_global, topk_per_layer=p.topk_per_layer,
+                                 batch_size=p.batch_size, exact_stats=p.exact_stats, chunk_size=p.chunk_size,
+                                 fisher_dtype=DTYPES[p.fisher_dtype], kernel=p.kernel), **overrides)
 
 
 def heldout_baseline(ctx: Context) -> dict:
