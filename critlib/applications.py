@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from . import CritlibError
 from .bitflip import EFFECT_KEYS, Evaluator, flips_to_break, random_flips, ranked, single_flips
 from .models import DTYPES
+from .progress import Bar, track
 from .prune import linear_scores, prune_masks, pruned, random_scores
 from .quantize import (OUTLIER_BYTES, QuantConfig, budget, keep_sets, kept_originals, linear_weights,
                        quantized)
@@ -111,7 +111,7 @@ def score_and_prune(model, windows, cfg: ApplicationsConfig, sens, ev: Evaluator
                              n_weights=info.n_weights, n_masked=0, n_changed=0,
                              achieved_sparsity=info.sparsity, **_point(ev())))
     n_points = len(sels) * len(p.prune_modes) * len(p.prune_sparsities) * (1 + len(protect)) if want_prune else 0
-    bar = tqdm(total=n_points, desc="pruning", disable=not progress or not want_prune)
+    bar = Bar(total=n_points, desc="pruning", disable=not progress or not want_prune)
     for sel in sels:
         scores = _selector_scores(model, windows, cfg, sel, weights, progress)
         if want_quant:
@@ -143,7 +143,7 @@ def quantization_points(model, cfg: ApplicationsConfig, keeps: dict, ev: Evaluat
     rows = []
     pcts = sorted(set(p.quant_keep_percents))
     n_points = len(p.quant_bits) * (int(0 in pcts) + len(keeps) * len([x for x in pcts if x > 0]))
-    bar = tqdm(total=n_points, desc="quantization", disable=not progress)
+    bar = Bar(total=n_points, desc="quantization", disable=not progress)
 
     def row(cfg, q, selector, pct, n_kept, res):
         outl = n_kept * OUTLIER_BYTES
@@ -200,7 +200,7 @@ def bitflip_points(model, windows, cfg: ApplicationsConfig, sens, progress: bool
         else:
             pairs = [(n, f) for n, f, _ in _global_top(model, windows, cfg, sens, sel, p.bitflip_top_n)]
         cands += [(sel, r, n, f) for r, (n, f) in enumerate(pairs, 1)]
-    bar = tqdm(desc="bit flips", disable=not progress)
+    bar = Bar(desc="bit flips", disable=not progress)
     table = single_flips(model, cands, p.bitflip_bits, ev, bar)
     bar.close()
     for c in ("ppl_ratio", "kl"):
@@ -208,14 +208,14 @@ def bitflip_points(model, windows, cfg: ApplicationsConfig, sens, progress: bool
     breaks = []
     base = dict(base_ppl=ev.base["ppl"], factor=p.bitflip_break_factor, eval_windows=len(ev.windows))
     if len(table):
-        for sel in list(table["selector"].unique()) + ["all"]:
+        for sel in track(list(table["selector"].unique()) + ["all"], "flips to break"):
             sub = table if sel == "all" else table[table["selector"] == sel]
             order = ranked(sub)
             flips = list(zip(order["param"], order["flat"], order["bit"]))
             res = flips_to_break(model, flips, ev, p.bitflip_break_factor, p.bitflip_cap)
             breaks.append(dict(selector=sel, kind=_kind(sel) if sel != "all" else "combined", order="damage",
                                draw=0, **base, **res))
-    for d in range(p.bitflip_draws):
+    for d in track(range(p.bitflip_draws), "flips to break, random draws"):
         flips = random_flips(model, p.bitflip_cap, p.seed + 1000 + d)
         res = flips_to_break(model, flips, ev, p.bitflip_break_factor, p.bitflip_cap)
         breaks.append(dict(selector="random", kind="baseline", order="random_bits", draw=d, **base, **res))

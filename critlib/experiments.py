@@ -22,12 +22,12 @@ from typing import Callable
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from . import CritlibError
 from .effects import Evaluations, draws_interval, intervention_key
 from .perturb import (Method, Selection, magnitude_ranking, method_label, parse_method, perturbed,
                       select_bottom, select_random, select_top)
+from .progress import Bar
 
 # One row per selector × method × k × draw (`dose_response`):
 #   ppl, accuracy: the perturbed model on the window set; ppl_ratio = exp(mean ΔNLL per token), kl = mean
@@ -115,7 +115,7 @@ def dose_response(model: torch.nn.Module, heldout: torch.Tensor, selectors: dict
                 plan.append((name, k, d, selection))
     base = store.unchanged(heldout)
     rows = []
-    bar = tqdm(total=len(plan) * len(methods), desc="perturbation", disable=not progress)
+    bar = Bar(total=len(plan) * len(methods), desc="perturbation", disable=not progress)
     for name, k, d, selection in plan:
         for method in methods:
             key = intervention_key(selection, method)

@@ -21,7 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import yaml
@@ -29,10 +29,11 @@ import yaml
 from . import CritlibError, __version__
 from .io import atomic_path, write_json
 from .params import Params, load_params
+from .progress import Estimate, Follower, duration, previous_times
 from .run import PHASES, Phase, select
 from .run.context import check_output_dir, move_into, new_staging
 from .run.headlines import read_headlines
-from .summary import findings, model_name
+from .summary import findings, key_figures, model_name
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 KERNEL_NAME = "critlib-interpreter"
@@ -208,20 +209,14 @@ def execute(notebook: Path, output: Path, parameters: dict, kernel: str, cwd: st
                                    progress_bar=progress, cwd=str(cwd), log_output=False, config=config)
 
 
-def _duration(seconds: float) -> str:
-    s = round(seconds)
-    if s < 60:
-        return f"{s} s"
-    return f"{s // 60} min {s % 60:02d} s" if s < 3600 else f"{s // 3600} h {s % 3600 // 60:02d} min"
-
-
 def run_report(params_file: str | Path | None = None, overrides: list[str] | dict | None = None,
                outdir: str | Path | None = None, phases: str | list | None = None, progress: bool = True,
                notebooks: str | Path | None = None, self_contained: bool = False) -> Path:
     """Execute the chosen phases' notebooks (all by default) and write the report into `outdir` (default:
     the params' output_dir): `<phase>.ipynb`, `<phase>.html`, the phases' data files, `run.json`, and
-    `index.html`, with plotly.js once as `plotly.min.js` (or, `self_contained`, inside every page). Raises
-    CritlibError with the failing cell's error; the previous report stays intact."""
+    `index.html`, with plotly.js once as `plotly.min.js` (or, `self_contained`, inside every page). With
+    `progress`, stderr follows the run: each phase, its time, the time left and its loops' counts
+    (critlib.progress). Raises CritlibError with the failing cell's error; the previous report stays intact."""
     params = load_params(params_file, overrides)
     outdir = check_output_dir(outdir or params.output_dir)
     nb_dir = Path(notebooks).resolve() if notebooks else NOTEBOOKS
@@ -242,6 +237,11 @@ def run_report(params_file: str | Path | None = None, overrides: list[str] | dic
                   "overrides": overrides if isinstance(overrides, dict) else list(overrides or []),
                   "started": _now(), "phases": {}}
         previous = _read_json(outdir / "run.json") or {}
+        estimate = Estimate([p.key for p in chosen], previous_times(previous, _same_params(outdir, resolved)),
+                            (params.n_sequences + params.n_heldout) * params.seq_len)
+        if progress:
+            print(f"critlib: {len(chosen)} phase{'s' if len(chosen) > 1 else ''} to run, "
+                  f"{estimate.line().replace(' left', ' in all', 1)}", file=sys.stderr, flush=True)
         began = time.perf_counter()
         with interpreter_kernel() as kernel:
             for i, p in enumerate(chosen, 1):
@@ -252,12 +252,13 @@ def run_report(params_file: str | Path | None = None, overrides: list[str] | dic
                     name += f" (phase {p.number})"
                 if progress:
                     last = previous.get("phases", {}).get(p.key, {}).get("seconds")
-                    print(f"critlib: {name}" + (f" (last run: {_duration(last)})" if last else ""),
+                    print(f"critlib: {name}" + (f" (last run: {duration(last)})" if last else ""),
                           file=sys.stderr, flush=True)
                 try:
-                    execute(notebook_path(p, nb_dir), nb_out, {"params_file": str(resolved),
-                                                              "write_dir": str(staging)},
-                            kernel, Path.cwd())
+                    with Follower(f"critlib: {name}") if progress else nullcontext():
+                        execute(notebook_path(p, nb_dir), nb_out, {"params_file": str(resolved),
+                                                                  "write_dir": str(staging)},
+                                kernel, Path.cwd())
                 except Exception as e:
                     if type(e).__name__ != "PapermillExecutionError":
                         raise
@@ -268,10 +269,13 @@ def run_report(params_file: str | Path | None = None, overrides: list[str] | dic
                 if src:
                     share_plotlyjs(nb_out, src)
                 to_html(nb_out, staging / f"{p.key}.html", f"{p.number}. {p.title}", src)
-                record["phases"][p.key] = {"seconds": round(time.perf_counter() - start, 2), "finished": _now()}
+                took = time.perf_counter() - start
+                record["phases"][p.key] = {"seconds": round(took, 2), "finished": _now()}
+                estimate.finished(p.key, took)
                 if progress:
-                    print(f"critlib: {name}: done in {_duration(time.perf_counter() - start)} "
-                          f"(total {_duration(time.perf_counter() - began)})", file=sys.stderr, flush=True)
+                    rest = estimate.line()
+                    print(f"critlib: {name}: done in {duration(took)} (total {duration(time.perf_counter() - began)})"
+                          + (f"; {rest}" if rest else ""), file=sys.stderr, flush=True)
         record["finished"] = _now()
         for key, info in previous.get("phases", {}).items():
             if key not in record["phases"] and (outdir / f"{key}.html").is_file():
@@ -280,7 +284,7 @@ def run_report(params_file: str | Path | None = None, overrides: list[str] | dic
         headlines = read_headlines(outdir)
         headlines.update(read_headlines(staging))
         write_index(staging / "index.html", params, record, headlines, findings(staging, outdir),
-                    model_name(staging, outdir))
+                    model_name(staging, outdir), key_figures(staging, outdir), src)
         move_into(staging, outdir)
     except BaseException:
         if staging.exists():
@@ -302,6 +306,16 @@ def _fail(staging: Path, failed: Path, p: Phase | None, nb_out: Path | None) -> 
             pass
     shutil.rmtree(failed, ignore_errors=True)
     os.replace(staging, failed)
+
+
+def _same_params(outdir: Path, resolved: Path) -> bool:
+    """Whether the run in `outdir` had the parameters of `resolved` (its output folder aside)."""
+    try:
+        a, b = (yaml.safe_load(f.read_text()) for f in (outdir / "params.yaml", resolved))
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(a, dict) and isinstance(b, dict) and \
+        {k: v for k, v in a.items() if k != "output_dir"} == {k: v for k, v in b.items() if k != "output_dir"}
 
 
 def _read_json(path: Path):
@@ -326,11 +340,14 @@ def _fmt(v) -> str:
 
 
 def write_index(path: Path, params: Params, record: dict, headlines: dict[str, list[dict]],
-                found: list[str] | None = None, model: str | None = None) -> None:
-    """The report's front page: the findings in words (critlib.summary), then the run's identity, and per
-    phase its pages and headline numbers."""
+                found: list[str] | None = None, model: str | None = None, figures: list | None = None,
+                plotlyjs_src: str | None = None) -> None:
+    """The report's front page: the findings in words and the key figures (critlib.summary), then the run's
+    identity, and per phase its pages and headline numbers. Figures load plotly.js from `plotlyjs_src` beside
+    the page (as the phase pages do), or carry it when None."""
     e = html.escape
     found_html = "".join(f"<li>{_inline_code(e(s))}</li>" for s in found or [])
+    figures_html = "".join(_figure_html(key, caption, fig) for key, caption, fig in figures or [])
     rows = []
     for p in PHASES:
         info = record["phases"].get(p.key)
@@ -363,9 +380,11 @@ th {{ width: 220px; color: #555; font-weight: normal; }}
 table.phases th, table.phases td {{ width: auto; }} table.phases td:nth-child(2) {{ width: 30%; }}
 table.phases td:nth-child(5) {{ width: 45%; }}
 ul.findings li {{ margin-bottom: 0.4em; }} ul.findings {{ padding-left: 1.3em; }}
-</style></head><body>
+figure.key {{ margin: 0 0 1.5em 0; }} figure.key figcaption {{ color: #444; font-size: 14px; margin-bottom: 4px; }}
+</style>{_plotlyjs_head(plotlyjs_src) if figures_html else ''}</head><body>
 <h1>critlib report</h1>
 {f'<h2>Findings</h2><ul class="findings">{found_html}</ul>' if found_html else ''}
+{f'<h2>Key figures</h2>{_no_plotly_note(plotlyjs_src)}{figures_html}' if figures_html else ''}
 <h2>Run</h2>
 <table>{ident_html}</table>
 <h2>Phases</h2>
@@ -379,6 +398,33 @@ ul.findings li {{ margin-bottom: 0.4em; }} ul.findings {{ padding-left: 1.3em; }
 """
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
+
+
+def _plotlyjs_head(src: str | None) -> str:
+    """plotly.js for the index's figures: from `src` beside the page (saying so if it is missing), or inline."""
+    head = '\n<script type="text/javascript">window.PlotlyConfig = {MathJaxConfig: "local"};</script>\n'
+    if src is None:
+        return head + f'<script type="text/javascript">{plotlyjs()}</script>'
+    return head + (f'<script type="text/javascript" charset="utf-8" src="{html.escape(src)}"></script>\n'
+                   '<script>window.addEventListener("DOMContentLoaded", function () { if (typeof Plotly === '
+                   '"undefined") document.getElementById("critlib-no-plotly").style.display = "block"; });</script>')
+
+
+def _no_plotly_note(src: str | None) -> str:
+    if src is None:
+        return ""
+    return (f'<p id="critlib-no-plotly" style="display: none; color: #b00; font-weight: bold;">The figures need '
+            f'<code>{html.escape(src)}</code> from the run folder: open this page inside that folder.</p>')
+
+
+def _figure_html(key: str, caption: str, fig) -> str:
+    """One key figure with its caption and a link to its phase's page; offline, no cloud button (viz.CONFIG)."""
+    import plotly.io as pio
+    from .viz import CONFIG
+    div = pio.to_html(fig, include_plotlyjs=False, include_mathjax=False, full_html=False, default_width="100%",
+                      config=CONFIG)
+    return (f'<figure class="key" id="key-{key}"><figcaption>{html.escape(caption)} '
+            f'<a href="{key}.html">More on its page</a>.</figcaption>{div}</figure>')
 
 
 def _inline_code(text: str) -> str:

@@ -29,10 +29,10 @@ from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import CritlibError
 from .metrics import GRADIENT
+from .progress import Bar
 
 GRAD_METRICS = GRADIENT
 Emit = Callable[[str, str, torch.Tensor], None]  # (metric, param name, fp32 scores shaped like the param)
@@ -363,7 +363,7 @@ def score_model(model: torch.nn.Module, windows: torch.Tensor, metrics: list[str
                            reduce, fused, rows)
         elif norms is not None:
             with torch.no_grad():
-                for batch in tqdm(windows.split(batch_size), desc=f"{desc} (activations)", disable=not progress):
+                for batch in Bar(windows.split(batch_size), desc=f"{desc} (activations)", disable=not progress):
                     model(input_ids=batch)
     if norms is not None:
         norms.n_tokens = windows.numel()
@@ -520,7 +520,7 @@ def _gradient_pass(model, params, windows, grad_metrics, emit, batch_size, fishe
                     handles.append(p.register_hook(pre(name, p)))
                 handles.append(p.register_post_accumulate_grad_hook(post(name)))
             with torch.enable_grad():
-                for i, batch in enumerate(tqdm(batches, desc=desc, disable=not progress)):
+                for i, batch in enumerate(Bar(batches, desc=desc, disable=not progress)):
                     state["last"] = i == len(batches) - 1
                     loss = token_loss_sum(model, batch) / n_total
                     if not torch.isfinite(loss):

@@ -1,9 +1,10 @@
 """The report's findings in plain words, written from a run folder's files: what the model is, how
 concentrated the scores are, whether the top weights matter causally (against the random and magnitude
-controls, with intervals), the confirmed super weights, how stable the ranking is, and the study's claims.
+controls, with intervals), the confirmed super weights, how stable the ranking is, and the study's claims;
+and the key figures drawn from the same files (`key_figures`), for the index.
 
 Every sentence states only what its numbers support: an effect is called larger than the random control
-only when its interval lies wholly above the control's; a missing file leaves its sentence out.
+only when its interval lies wholly above the control's; a missing file leaves its sentence (or figure) out.
 """
 
 from __future__ import annotations
@@ -197,3 +198,35 @@ def _stability(run: _Run) -> list[str]:
     per = seed.groupby("metric", sort=False)["jaccard"].mean()
     return ["Stability: top-K Jaccard between data seeds " + ", ".join(f"{m} {v:.2f}" for m, v in per.items())
             + " (1 = the same weights; magnitude is data-free and left out)."]
+
+
+SW_FIELDS = ("layer", "row", "col", "param", "confirmed", "verdict", "ppl_ratio_when_zeroed",
+             "ppl_ratio_when_zeroed_lo", "ppl_ratio_when_zeroed_hi")
+
+
+def key_figures(*folders: str | Path) -> list[tuple[str, str, object]]:
+    """The index's key figures as (phase key, caption, plotly Figure), each only where its phase's file is in
+    `folders`: Phase 1's share of the score per layer × component, Phase 3's causal test (top-K against the
+    random and magnitude controls, with intervals), Phase 4's candidates with their intervals."""
+    from . import tables, viz
+    run = _Run(folders)
+    out = []
+    cells = run.table("layer_component")
+    if cells is not None and len(cells) and {"metric", "layer", "component", "score_share"} <= set(cells.columns):
+        out.append(("01_sensitivity", "Where the score sits: each metric's share of its total score per layer and "
+                    "component (log colour scale; pick the metric in the menu).",
+                    viz.layer_component_heatmap(cells, "score_share")))
+    s = run.table("perturbation_summary")
+    if s is not None and len(s) and {"ppl_ratio_lo", "ppl_ratio_hi"} <= set(s.columns):
+        frame = tables.causal_frame(s)
+        if len(frame):
+            out.append(("03_perturbation", "The causal test: held-out perplexity ratio when each metric's top-K "
+                        "weights are perturbed, against the random and magnitude controls (95% intervals).",
+                        viz.causal_test(frame)))
+    sw = run.json("superweights.json") or {}
+    cands = sw.get("candidates") or []
+    if cands and all(f in c for c in cands for f in SW_FIELDS) and "effect_size" in sw.get("rule", {}):
+        out.append(("04_super_weights", "Super weights: the perplexity ratio when each candidate is zeroed alone "
+                    "(95% interval; red: confirmed), against a random weight of the same tensor.",
+                    viz.super_weight_candidates(cands, sw["rule"]["effect_size"])))
+    return out

@@ -37,6 +37,7 @@ from . import CritlibError
 from .effects import LEVEL, Evaluations, draws_interval, intervention_key, window_set
 from .layout import layer_of
 from .perturb import Selection, Zero, perturbed, select_random
+from .progress import track
 from .scores import hooks, scored_parameters
 
 DOWN_PROJECTIONS = ("mlp.down_proj", "mlp.c_proj", "mlp.fc2", "mlp.dense_4h_to_h", "mlp.w2")
@@ -368,7 +369,7 @@ def super_weight_study(model: torch.nn.Module, windows: torch.Tensor, tokenizer=
         with perturbed(model, Selection.from_list(zeroed), Zero()):
             new = [c for c in find_candidates(model, ids, config.sw_spike_ratio, config.sw_min_activation, it,
                                               profiles if it == 0 else None) if c.coord not in seen]
-        for c in new:
+        for c in track(new, f"super weights: round {it + 1}'s candidates zeroed"):
             effects[c.coord] = _zero(store, windows, [c.coord])
         exclude = seen | {c.coord for c in new}
         for name in dict.fromkeys(c.param for c in new if effects[c.coord]["ppl_ratio"] >= config.sw_effect_size):
@@ -387,7 +388,8 @@ def super_weight_study(model: torch.nn.Module, windows: torch.Tensor, tokenizer=
 
     coords = [c.coord for c in candidates]
     confirmed = [c.coord for c in candidates if verdicts[c.coord] == "confirmed"]
-    loo = {c: _zero(store, windows, [o for o in coords if o != c]) for c in coords}
+    loo = {c: _zero(store, windows, [o for o in coords if o != c])
+           for c in track(coords, "super weights: leave-one-out")}
     at = {c.coord: {"param": c.param, "row": c.row, "col": c.col, "flat": c.flat} for c in candidates}
     joint = dict(_zero(store, windows, confirmed), weights=[at[c] for c in confirmed]) if confirmed else None
     joint_all = dict(_zero(store, windows, coords), weights=[at[c] for c in coords]) if coords else None

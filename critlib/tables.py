@@ -112,3 +112,15 @@ def top_weights_view(table: pd.DataFrame, n: int = 10) -> pd.DataFrame:
     g = g[g["rank"] <= n]
     return g[["metric", "rank", "param", "layer", "component", "row", "col", "score", "weight", "token_id",
               "token"]].reset_index(drop=True)
+
+
+def causal_frame(summary: pd.DataFrame) -> pd.DataFrame:
+    """Phase 3's causal test from `perturbation_summary`: for zeroing (else the first method), each metric's
+    top-K and the random and magnitude controls at every K > 0, the perplexity ratio with its 95% interval."""
+    first = summary[summary["method"] == "zero"] if (summary["method"] == "zero").any() else summary
+    args = summary["method_arg"].fillna("")
+    same = (summary["method"] == first["method"].iloc[0]) & (args == args[first.index[0]])
+    keep = summary["selector"].str.startswith("top:") | summary["selector"].isin(["random", "magnitude"])
+    cols = ["selector", "method", "method_arg", "k", "ppl_ratio_mean", "ppl_ratio_lo", "ppl_ratio_hi", "n_draws",
+            "interval"]
+    return summary[same & keep & (summary["k"] > 0)].reindex(columns=cols).reset_index(drop=True)

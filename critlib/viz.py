@@ -425,6 +425,43 @@ def dose_response(summary: pd.DataFrame, value: str = "ppl_ratio", log_y: bool =
     return fig
 
 
+def causal_test(frame: pd.DataFrame) -> go.Figure:
+    """Phase 3's causal test at a glance (`tables.causal_frame`): held-out perplexity ratio against K when each
+    metric's top-K is perturbed, beside the random and magnitude controls (dotted), with 95% intervals as error
+    bars, on log axes. An interval reaching 0 or below is drawn down to the mean over the upper factor. Points
+    whose ratio is NaN/inf (the model broke) are drawn as × at the top, labelled "broken"."""
+    names, hidden = _magnitude_labels(frame)
+    d = frame[~frame["selector"].isin(hidden)]
+    cmap = colors(names)
+    level = _ceiling(list(d["ppl_ratio_hi"]) + list(d["ppl_ratio_mean"]))
+    fig = go.Figure()
+    n_broken = 0
+    for s in dict.fromkeys(d["selector"]):
+        g = d[d["selector"] == s].sort_values("k")
+        y, broken = _at_level(g["ppl_ratio_mean"], level)
+        n_broken += sum(broken)
+        up, down, shown = [], [], []
+        for v, lo, hi, b in zip(y, _finite(g["ppl_ratio_lo"]), _finite(g["ppl_ratio_hi"]), broken):
+            ok = not b and lo is not None and hi is not None
+            lo = lo if not ok or lo > 0 else v * v / hi
+            up.append(hi - v if ok else 0)
+            down.append(v - lo if ok else 0)
+            shown.append("NaN/inf: the model broke" if b else f"{v:.4g}" + (f" [{lo:.4g}, {hi:.4g}]" if ok else ""))
+        fig.add_trace(go.Scatter(
+            x=g["k"], y=y, mode="lines+markers+text", name=names[s], line=dict(color=cmap[s], dash=_dash(s)),
+            error_y=dict(type="data", symmetric=False, array=up, arrayminus=down, thickness=1.2, width=4),
+            customdata=np.stack([np.array(shown, dtype=object), g["n_draws"], g["interval"].fillna("")], axis=1),
+            hovertemplate=(f"<b>{names[s]}</b> K=%{{x}}<br>ppl ratio %{{customdata[0]}} (95%, over "
+                           "%{customdata[2]}; draws: %{customdata[1]})<extra></extra>"), **_broken_marks(broken)))
+    method = f"{frame['method'].iloc[0]}" if len(frame) else ""
+    fig.update_xaxes(type="log", title="K (weights perturbed)")
+    fig.update_yaxes(type="log", title="held-out perplexity ratio (95% interval)")
+    fig.update_layout(title=f"Causal test ({method}): each metric's top-K against the random and magnitude controls",
+                      height=460)
+    _note_broken(fig, n_broken, "the perplexity ratio")
+    return fig
+
+
 # ---------------------------------------------------------------- phase 4
 
 def super_weight_candidates(candidates: list[dict], effect_size: float) -> go.Figure:

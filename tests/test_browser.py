@@ -112,10 +112,21 @@ def test_plain_papermill_nbconvert_page_draws(tmp_path):
 
 
 def test_index_opens_with_the_findings_naming_the_model(tiny_report, tmp_path):
-    dom = _run(["--virtual-time-budget=5000", "--dump-dom", (tiny_report / "index.html").as_uri()], tmp_path,
-               "index").stdout
+    """The findings first, then the key figures, drawn from the run folder's plotly.min.js."""
+    index = tiny_report / "index.html"
+    dom = _run(["--virtual-time-budget=15000", "--dump-dom", index.as_uri()], tmp_path, "index").stdout
     findings = dom.split("<h2>Findings</h2>")
     assert len(findings) == 2 and findings[0].count("<h2>") == 0, "the findings are not the first section"
     first = re.search(r'<ul class="findings">(.*?)</ul>', findings[1], re.S).group(1)
     assert "Model: a randomly initialised LlamaForCausalLM" in html.unescape(first)
     assert "Causal test" in first and "Concentration" in first
+    key = findings[1].split("<h2>Key figures</h2>")
+    assert len(key) == 2 and key[0].count("<h2>") == 0, "no key figures right after the findings"
+    figures = key[1].split("<h2>Run</h2>")[0].split('class="plot-container plotly"')[1:]
+    assert len(figures) == index.read_text().count("Plotly.newPlot(") >= 2, "not every key figure was built"
+    assert 'id="key-03_perturbation"' in key[1] and 'id="key-01_sensitivity"' in key[1]
+    for fig in figures:
+        assert fig.count('class="main-svg"') >= 2
+        assert 'class="trace' in fig or 'class="hm"' in fig or "<image" in fig, "a key figure without drawn data"
+        assert "Share chart" not in fig and "plotlyjsicon" not in fig and "plotly.com" not in fig
+    assert 'id="critlib-no-plotly" style="display: none;' in dom

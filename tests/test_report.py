@@ -85,8 +85,11 @@ def test_html_is_offline_with_one_shared_plotlyjs(tiny_report):
         assert "cdn.jsdelivr.net/npm/@jupyter-widgets" not in page and "require.min.js" not in page
         assert page.count("Plotly.newPlot(") == _figures_in(tiny_report / f"{p.key}.ipynb") > 0
         assert bundle[:300] not in (tiny_report / f"{p.key}.ipynb").read_text()
-    index = (tiny_report / "index.html").read_text()
-    assert "<script" not in index
+    index = (tiny_report / "index.html").read_text()  # its key figures load the same plotly.min.js
+    from critlib.summary import key_figures
+    assert SCRIPT_SRC.findall(index) == ["plotly.min.js"] and bundle[:300] not in index
+    assert index.count("Plotly.newPlot(") == len(key_figures(tiny_report)) >= 2
+    assert not re.search(r"(src|href)=[\"']?(https?:)?//", index)
 
 
 def _figure_notebook(path: Path) -> Path:
@@ -212,15 +215,24 @@ def test_rerun_one_phase_keeps_the_others(tiny_report, tmp_path, capfd):
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
         from critlib.report import run_report
-        run_report(TINY, tiny_report_params(), out, phases="2", progress=True)
+        run_report(TINY, tiny_report_params(), out, phases="2,5", progress=True)
     finally:
         os.environ.pop("OMP_NUM_THREADS") if old is None else os.environ.__setitem__("OMP_NUM_THREADS", old)
-    # the terminal (the kernel's stderr too): the phase, its time and the last run's, nothing else
+    # the terminal (the kernel's stderr too): the estimate from the last run's times (same parameters), each
+    # phase with its time and the last run's, the time left after each but the last; between them, at most one
+    # line per 30 s from the phase's loops; nothing else
     err = capfd.readouterr().err.strip().splitlines()
-    assert len(err) == 2, err
-    phase, took = r"critlib: phase 1/1: Cross-metric agreement \(phase 2\)", r"\d+ (?:s|min \d\d s|h \d\d min)"
-    assert re.fullmatch(rf"{phase} \(last run: {took}\)", err[0])
-    assert re.fullmatch(rf"{phase}: done in {took} \(total {took}\)", err[1])
+    took, source = r"\d+ (?:s|min \d\d s|h \d\d min)", r"\(estimate from the last run's phase times\)"
+    two = r"critlib: phase 1/2: Cross-metric agreement \(phase 2\)"
+    five = r"critlib: phase 2/2: Token explorer \(phase 5\)"
+    assert re.fullmatch(rf"critlib: 2 phases to run, ~\d+ (?:s|min) in all {source}", err[0]), err
+    loops = [e for e in err if re.fullmatch(rf"(?:{two}|{five}): .+ \d+(?:/\d+)? \({took}\)", e)]
+    main = [e for e in err if e not in loops]
+    assert len(main) == 5, err
+    assert re.fullmatch(rf"{two} \(last run: {took}\)", main[1])
+    assert re.fullmatch(rf"{two}: done in {took} \(total {took}\); ~\d+ (?:s|min) left {source}", main[2])
+    assert re.fullmatch(rf"{five} \(last run: {took}\)", main[3])
+    assert re.fullmatch(rf"{five}: done in {took} \(total {took}\)", main[4])
     after = _digest(out)
     assert after["01_sensitivity.html"] == before["01_sensitivity.html"]
     assert after["02_cross_metric.html"] != before["02_cross_metric.html"]

@@ -71,3 +71,67 @@ def test_each_phase_page_has_its_answer(tmp_path):
     assert phase_answer("04_super_weights", tmp_path).startswith("Confirmed super weights")
     assert phase_answer("02_cross_metric", tmp_path).startswith("Stability")
     assert phase_answer("06_applications", tmp_path) == "4-bit quantization: ppl ratio: 1.2. B: 2."
+
+
+def _write_figure_files(out):
+    """What Phases 1, 3 and 4 write for the index's key figures (a broken point, NaN, included)."""
+    pd.DataFrame([dict(metric=m, layer=layer, component=c, n_weights=10, score_sum=s, score_share=s / 6, topk=1,
+                       topk_share=0.1, k=10, params="p") for m in ("grad_x_weight", "wanda")
+                  for layer, c, s in ((0, "attn_q", 1.0), (1, "mlp_down", 5.0))]).astype({"layer": "Int64"}) \
+        .to_parquet(out / "layer_component.parquet")
+    rows = [dict(selector=s, method="zero", method_arg=None, k=k, ppl_ratio_mean=m, ppl_ratio_lo=m * 0.9,
+                 ppl_ratio_hi=m * 1.1, n_draws=2 if s == "random" else 1, interval="windows", window_set="w")
+            for s in ("top:grad_x_weight", "random", "magnitude", "bottom:wanda") for k, m in ((1, 1.5), (10, 3.0))]
+    rows[1]["ppl_ratio_mean"] = float("inf")  # zeroing the top 10 broke the model
+    rows.append(dict(rows[0], method="sign_flip"))  # another method: not in the causal figure
+    pd.DataFrame(rows).to_parquet(out / "perturbation_summary.parquet")
+    cand = dict(param="model.layers.1.mlp.down_proj.weight", layer=1, row=3, col=4, confirmed=True,
+                verdict="confirmed", ppl_ratio_when_zeroed=4.85, ppl_ratio_when_zeroed_lo=4.1,
+                ppl_ratio_when_zeroed_hi=5.6, random_n=8, random_ppl_ratio_mean=1.0, random_ppl_ratio_lo=0.99,
+                random_ppl_ratio_hi=1.01)
+    (out / "superweights.json").write_text(json.dumps({"candidates": [cand], "rule": {"effect_size": 1.05}}))
+
+
+def test_key_figures_only_where_their_phase_ran(tmp_path):
+    from critlib.summary import key_figures
+    assert key_figures(tmp_path) == []
+    _write_figure_files(tmp_path)
+    figs = key_figures(tmp_path)
+    assert [k for k, _, _ in figs] == ["01_sensitivity", "03_perturbation", "04_super_weights"]
+    causal = figs[1][2]
+    names = [t.name for t in causal.data]
+    assert names == ["top:grad_x_weight", "random", "magnitude control (top-|w|)"]  # zeroing only, no bottom-K
+    top = causal.data[0]
+    assert list(top.text) == ["", "broken"] and list(top.error_y.array)[1] == 0  # broken: drawn, no interval
+    assert abs(top.error_y.arrayminus[0] - 0.15) < 1e-9
+    (tmp_path / "layer_component.parquet").unlink()
+    (tmp_path / "superweights.json").write_text(json.dumps({"candidates": [], "rule": {"effect_size": 1.05}}))
+    assert [k for k, _, _ in key_figures(tmp_path)] == ["03_perturbation"]
+
+
+def test_the_index_draws_its_key_figures_offline(tmp_path):
+    """The index carries the key figures with the run folder's plotly.min.js (or plotly.js inside when
+    self-contained), no network script, no cloud button; without figures, no script at all."""
+    from critlib.params import load_params
+    from critlib.report import plotlyjs, write_index
+    from critlib.summary import key_figures
+    from tests.test_report import SCRIPT_SRC
+    from tests.test_viz import assert_no_cloud_upload
+    _write_figure_files(tmp_path)
+    record = {"phases": {}, "started": "s", "finished": "f"}
+    params = load_params(None)
+    write_index(tmp_path / "index.html", params, record, {}, ["A finding."], "m", key_figures(tmp_path),
+                "plotly.min.js")
+    page = (tmp_path / "index.html").read_text()
+    assert page.index("<h2>Findings</h2>") < page.index("<h2>Key figures</h2>") < page.index("<h2>Run</h2>")
+    assert page.count("Plotly.newPlot(") == 3 and SCRIPT_SRC.findall(page) == ["plotly.min.js"]
+    for key in ("01_sensitivity", "03_perturbation", "04_super_weights"):
+        assert f'id="key-{key}"' in page and f'href="{key}.html"' in page
+    assert 'id="critlib-no-plotly"' in page and plotlyjs()[:300] not in page
+    assert_no_cloud_upload(page)
+    write_index(tmp_path / "alone.html", params, record, {}, ["A finding."], "m", key_figures(tmp_path), None)
+    alone = (tmp_path / "alone.html").read_text()
+    assert plotlyjs()[:300] in alone and not SCRIPT_SRC.findall(alone)
+    write_index(tmp_path / "bare.html", params, record, {}, ["A finding."], "m", [], "plotly.min.js")
+    bare = (tmp_path / "bare.html").read_text()
+    assert "<script" not in bare and "Key figures" not in bare
