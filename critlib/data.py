@@ -115,6 +115,34 @@ def windows_from_ids(ids: np.ndarray, seq_len: int, bos: int | None) -> np.ndarr
     return out
 
 
+def _text_windows(source: str, tokenizer, seq_len: int, prepend_bos: bool | str, text_field: str):
+    """(token ids, every window cut from them in order, the BOS id each window starts with or None)."""
+    ids = tokenize(read_texts(source, text_field), tokenizer)
+    bos = bos_to_prepend(tokenizer, prepend_bos)
+    return ids, windows_from_ids(ids, seq_len, bos), bos
+
+
+def window_pool(source: str, tokenizer, seq_len: int, prepend_bos: bool | str = "auto", text_field: str = "text",
+                vocab_size: int | None = None, n_random: int = 0, seed: int = 0) -> torch.Tensor:
+    """Every window `load_windows` can cut from `source`, in order, for studies that split the data
+    themselves (`random`: `n_random` windows drawn with `seed`)."""
+    if source == "random":
+        return load_windows(source, tokenizer, seq_len, n_random, 0, prepend_bos, seed, text_field, vocab_size).score
+    if source.endswith(".npy"):
+        n = np.load(source, mmap_mode="r", allow_pickle=False).shape[0] if Path(source).is_file() else 1
+        return load_windows(source, tokenizer, seq_len, n, 0, prepend_bos, 0, text_field, vocab_size).score
+    if tokenizer is None:
+        return load_windows(source, tokenizer, seq_len, 1, 0, prepend_bos, 0, text_field, vocab_size).score  # raises
+    _, arr, _ = _text_windows(source, tokenizer, seq_len, prepend_bos, text_field)
+    _check_vocab(arr, vocab_size)
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _check_vocab(arr: np.ndarray, vocab_size: int | None) -> None:
+    if vocab_size is not None and arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        raise CritlibError(f"token ids must lie in [0, {vocab_size}) for this model, found {arr.min()}..{arr.max()}")
+
+
 def load_windows(source: str, tokenizer, seq_len: int, n_score: int, n_heldout: int,
                  prepend_bos: bool | str = "auto", seed: int = 0, text_field: str = "text",
                  vocab_size: int | None = None) -> Windows:
@@ -150,9 +178,7 @@ def load_windows(source: str, tokenizer, seq_len: int, n_score: int, n_heldout: 
         if tokenizer is None:
             raise CritlibError("this model has no tokenizer, so text data cannot be used; give token ids as a "
                                ".npy file, data: random, or set tokenizer: to a tokenizer directory or 'default'")
-        ids = tokenize(read_texts(source, text_field), tokenizer)
-        bos = bos_to_prepend(tokenizer, prepend_bos)
-        arr = windows_from_ids(ids, seq_len, bos)
+        ids, arr, bos = _text_windows(source, tokenizer, seq_len, prepend_bos, text_field)
         need = n_score + n_heldout
         if len(arr) < need:
             raise CritlibError(f"data '{source}' gives {len(ids)} tokens = {len(arr)} windows of {seq_len}, but "
@@ -162,8 +188,7 @@ def load_windows(source: str, tokenizer, seq_len: int, n_score: int, n_heldout: 
             order = np.random.default_rng(seed).permutation(len(arr))
             arr = arr[order]
         arr = arr[:need]
-    if vocab_size is not None and arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
-        raise CritlibError(f"token ids must lie in [0, {vocab_size}) for this model, found {arr.min()}..{arr.max()}")
+    _check_vocab(arr, vocab_size)
     sha = hashlib.sha256(np.ascontiguousarray(arr, dtype="<i8").tobytes()).hexdigest()
     t = torch.from_numpy(np.ascontiguousarray(arr))
     described = None if bos is None else {"token": tokenizer.convert_ids_to_tokens(int(bos)), "id": int(bos)}

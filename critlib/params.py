@@ -72,6 +72,9 @@ class Params:
     # Phase 2 stability (critlib.agreement): other window seeds and a second corpus ("" = skip) to compare with
     stability_seeds: list[int] = field(default_factory=lambda: [1, 2])  # with the run's seed: 3 for the claims
     stability_data: str = "alt"
+    # Phase 2 (critlib.datasize): top-K agreement of two disjoint token sets as they grow ([] = skip); sizes the
+    # data cannot hold twice are left out and named
+    stability_tokens: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048])
     # Phase 3 report: held-out windows the dose-response evaluates on (0 = all n_heldout), for time budgets;
     # a value above n_heldout is lowered to n_heldout (all of them), so it never stops the other phases
     perturb_heldout: int = 0
@@ -147,6 +150,14 @@ class Params:
             _check_seed("stability_seeds", s)
         self.stability_seeds = list(dict.fromkeys(seeds))  # Phase 2 skips the run's own seed
         self.stability_data = self.stability_data or ""
+        try:
+            tokens = [int(v) for v in self.stability_tokens or []]
+        except (TypeError, ValueError):
+            raise CritlibError(f"stability_tokens={self.stability_tokens!r} must be a list of token counts, e.g. "
+                               "[256, 1024]") from None
+        if any(t < 1 for t in tokens):
+            raise CritlibError(f"stability_tokens={tokens} must be positive token counts ([] skips the study)")
+        self.stability_tokens = sorted(set(tokens))
         for key in ("perturb_heldout", "applications_heldout"):  # a phase's own key never stops another phase
             if int(getattr(self, key)) < 0:
                 raise CritlibError(f"{key}={getattr(self, key)} must be ≥ 0 (0 = all held-out windows)")

@@ -322,6 +322,23 @@ def stability_bars(stability: pd.DataFrame) -> go.Figure:
     return fig
 
 
+def stability_by_tokens(table: pd.DataFrame) -> go.Figure:
+    """Jaccard of each metric's top-K between two disjoint token sets against the tokens in each set (log
+    axis), one line per metric: how much data makes a ranking stable."""
+    fig = go.Figure()
+    col = colors(list(table["metric"].unique()))
+    for metric, sub in table.groupby("metric", sort=False):
+        fig.add_trace(go.Scatter(x=sub["tokens"], y=sub["jaccard"], mode="lines+markers", name=metric,
+                                 line=dict(color=col[metric]), customdata=np.stack([sub["overlap"], sub["k"]], axis=1),
+                                 hovertemplate="%{x} tokens: Jaccard %{y:.3f} (overlap %{customdata[0]} of "
+                                               "%{customdata[1]})<extra>" + str(metric) + "</extra>"))
+    k = int(table["k"].iloc[0]) if len(table) else 0
+    fig.update_layout(title=_title(f"Top-{k} agreement between two disjoint token sets, as they grow"), height=420,
+                      xaxis=dict(title="scoring tokens in each set", type="log", tickvals=sorted(table["tokens"].unique())),
+                      yaxis=dict(title="Jaccard", range=[0, 1.05]))
+    return fig
+
+
 def cross_vs_baseline(table: pd.DataFrame) -> go.Figure:
     """Each metric pair's Jaccard next to its seed-to-seed baseline (the lower of the two metrics' mean
     Jaccard between seeds)."""

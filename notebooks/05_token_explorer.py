@@ -68,6 +68,7 @@ perturb_methods = None
 n_random_draws = None
 stability_seeds = None
 stability_data = None
+stability_tokens = None
 perturb_heldout = None
 applications_heldout = None
 token_explorer_top = None

@@ -18,6 +18,8 @@ from tests.conftest import REPO, tiny
     ("seed=-1", "seed=-1: seed must be a non-negative integer"),
     ("seed=4294967296", "seed must be a non-negative integer ≤ 2**32 - 1"),
     ("stability_seeds=1,-2", "stability_seeds has -2: each seed must be a non-negative integer"),
+    ("stability_tokens=[256, 0]", "stability_tokens=[256, 0] must be positive token counts"),
+    ("stability_tokens=[a]", "must be a list of token counts"),
     ("n_random_draws=-1", "n_random_draws=-1 must be an integer ≥ 1"),
     ("perturb_ks=-1", "must be a non-empty list of integers ≥ 0"),
     ("bitflip_top_n=-1", "bitflip_top_n=-1 must be ≥ 0"),

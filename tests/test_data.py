@@ -5,9 +5,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from critlib import CritlibError
-from critlib.data import builtin_corpora, load_windows, read_texts, tokenizer_adds_bos, windows_from_ids
+from critlib.data import builtin_corpora, load_windows, read_texts, tokenizer_adds_bos, window_pool, windows_from_ids
 from critlib.models import load_tokenizer
 from tests.conftest import REPO
 
@@ -101,3 +102,16 @@ def test_jsonl_and_npy(tmp_path, tok):
         load_windows(str(tmp_path / "ids.npy"), None, 10, 5, 2)
     with pytest.raises(CritlibError, match="no tokenizer"):
         load_windows("default", None, 10, 5, 2)
+
+
+def test_window_pool_is_every_window_load_windows_can_cut(tok, tmp_path):
+    pool = window_pool("alt", tok, 64)
+    with pytest.raises(CritlibError, match="windows of 64"):
+        load_windows("alt", tok, 64, len(pool) + 1, 0)
+    assert torch.equal(pool, load_windows("alt", tok, 64, len(pool), 0).score)
+    arr = np.arange(5 * 4).reshape(5, 4)
+    np.save(tmp_path / "ids.npy", arr)
+    assert window_pool(str(tmp_path / "ids.npy"), None, 4).tolist() == arr.tolist()
+    assert window_pool("random", None, 4, vocab_size=10, n_random=3, seed=2).shape == (3, 4)
+    with pytest.raises(CritlibError, match="does not exist"):
+        window_pool(str(tmp_path / "missing.npy"), None, 4)

@@ -167,3 +167,18 @@ def test_phase2_writes_the_claims_over_every_seed(tmp_path, ctx):
     heads = json.loads((tmp_path / "headlines" / "02_cross_metric.json").read_text())["items"]
     assert any("study claims re-tested over" in h["label"] for h in heads)
     assert all("magnitude" not in h["label"] for h in heads)
+    by_tokens = r2["stability_tokens"]  # magnitude left out; every size fits twice in the random pool
+    assert set(by_tokens["metric"]) == {"grad_x_weight"}
+    assert list(by_tokens["tokens"]) == [12 * -(-t // 12) for t in ctx.params.stability_tokens]
+    assert r2["token_sizes"]["skipped"] == [] and (tmp_path / "stability_tokens.csv").is_file()
+    assert any("two disjoint token sets" in h["label"] for h in heads)
+
+
+def test_phase2_names_the_token_sizes_the_corpus_cannot_hold(tmp_path):
+    from critlib.run import cross_metric
+    ctx = prepare(load_params(None, [s for s in SETS if not s.startswith("data=")] +
+                              ["data=alt", "tokenizer=default", "stability_tokens=[24, 100000]"]))
+    r2 = cross_metric.run(ctx, sensitivity.results(ctx, tmp_path, progress=False), tmp_path, progress=False)
+    assert r2["token_sizes"]["skipped"] == [100000] and r2["token_sizes"]["tokens"] == [24]
+    manifest = json.loads((tmp_path / "manifest_02_cross_metric.json").read_text())
+    assert manifest["stability_tokens"]["skipped"] == [100000]

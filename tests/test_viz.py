@@ -329,3 +329,12 @@ def test_position_damage_one_line_per_group_controls_dotted():
     fig = viz.position_damage(pos, ["selector", "k"], "t", controls=("random",))
     assert [t.name for t in fig.data] == ["top:wanda, K=10", "random, K=10"]
     assert list(fig.data[0].x) == ["0–7", "8–15"] and fig.data[1].line.dash == "dot" and fig.data[0].line.dash is None
+
+
+def test_stability_by_tokens_one_line_per_metric_on_a_log_axis():
+    table = pd.DataFrame([{"metric": m, "tokens": t, "windows": t // 128, "k": 1000, "overlap": o, "jaccard": o / 1000}
+                          for m in ("grad_x_weight", "fisher") for t, o in ((256, 100), (1024, 300))])
+    fig = viz.stability_by_tokens(table)
+    assert [t.name for t in fig.data] == ["grad_x_weight", "fisher"]
+    assert list(fig.data[0].x) == [256, 1024] and fig.layout.xaxis.type == "log"
+    assert fig.data[0].line.color == viz.METRIC_COLORS["grad_x_weight"] and "Top-1000" in fig.layout.title.text
