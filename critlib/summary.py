@@ -196,8 +196,16 @@ def _stability(run: _Run) -> list[str]:
     if seed.empty:
         return []
     per = seed.groupby("metric", sort=False)["jaccard"].mean()
-    return ["Stability: top-K Jaccard between data seeds " + ", ".join(f"{m} {v:.2f}" for m, v in per.items())
-            + " (1 = the same weights; magnitude is data-free and left out)."]
+    out = ["Stability: top-K Jaccard between data seeds " + ", ".join(f"{m} {v:.2f}" for m, v in per.items())
+           + " (1 = the same weights; magnitude is data-free and left out)."]
+    by = run.table("stability_tokens")
+    if by is not None and not by.empty:
+        mean = by.groupby("tokens")["jaccard"].mean()
+        out.append("With more data: the mean Jaccard of the data-dependent metrics between two disjoint token "
+                   "sets is " + ", ".join(f"{v:.2f} at {t:,} tokens" for t, v in mean.items())
+                   + (" (still rising: score on more tokens before trusting the exact top-K)."
+                      if len(mean) > 1 and mean.iloc[-1] > mean.iloc[-2] + 0.02 else "."))
+    return out
 
 
 SW_FIELDS = ("layer", "row", "col", "param", "confirmed", "verdict", "ppl_ratio_when_zeroed",

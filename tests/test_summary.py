@@ -35,6 +35,9 @@ def _write(out, ratio_lo, random_hi, confirmed):
         {"param": "b", "row": 3, "col": 4, "confirmed": False, "ppl_ratio_when_zeroed": 1.01}]}))
     pd.DataFrame([dict(metric="grad_x_weight", comparison="seed", jaccard=0.2),
                   dict(metric="magnitude", comparison="seed", jaccard=1.0)]).to_parquet(out / "stability.parquet")
+    pd.DataFrame([dict(metric=m, tokens=t, jaccard=j) for m, t, j in
+                  [("grad_x_weight", 256, 0.1), ("fisher", 256, 0.2), ("grad_x_weight", 2048, 0.3),
+                   ("fisher", 2048, 0.4)]]).to_parquet(out / "stability_tokens.parquet")
 
 
 def test_findings_follow_their_rules(tmp_path):
@@ -47,6 +50,7 @@ def test_findings_follow_their_rules(tmp_path):
     assert "window set 2x128:abc" in causal and "magnitude (|w|) ×1.5 [1.4, 1.6]" in causal
     assert any(t.startswith("Confirmed super weights: 1 of 2") and "a[1,2] ×4.85 [4.1, 5.6]" in t for t in text)
     assert any("grad_x_weight 0.20" in t and "magnitude 1" not in t for t in text)
+    assert any("0.15 at 256 tokens, 0.35 at 2,048 tokens (still rising" in t for t in text)
 
 
 def test_overlapping_intervals_and_no_confirmed_weight_are_said_so(tmp_path):
