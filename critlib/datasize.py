@@ -61,7 +61,7 @@ def running_scores(model: torch.nn.Module, windows: torch.Tensor, metrics: list[
                     with torch.no_grad():
                         model(input_ids=ids)
                     continue
-                model.zero_grad(set_to_none=True)
+                model.zero_grad(set_to_none=False)  # in place: no fresh gradient buffers for every window
                 (token_loss_sum(model, ids) / per_seq).backward()
                 for name, p in params:
                     g = p.grad.to_dense() if p.grad.is_sparse else p.grad

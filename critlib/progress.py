@@ -67,15 +67,20 @@ class Bar(tqdm):
         self.done = 0
 
     def __iter__(self):
-        for x in super().__iter__():
-            yield x
-            self.update_report(1)
+        self._iterating = True  # a shown tqdm calls `update` from its own iteration: counted here, not there
+        try:
+            for x in super().__iter__():
+                yield x
+                self._count(1)
+        finally:
+            self._iterating = False
 
     def update(self, n=1):
-        self.update_report(n)
+        if not getattr(self, "_iterating", False):
+            self._count(n)
         return super().update(n)
 
-    def update_report(self, n: int) -> None:
+    def _count(self, n: int) -> None:
         self.done += n
         report(self.label, self.done, self.expected)
 

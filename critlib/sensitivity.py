@@ -191,7 +191,9 @@ class AnalyzeConfig:
     one read of each weight and gradient, and pass 2 score them a slice at a time. `check_memory`: refuse,
     before any gradient is made, a pass that would not fit in the memory available (critlib.memory.check_fits).
     `distributed` (None: whenever a torch.distributed group of several ranks runs): each rank scores its
-    share of the windows and gradients are summed over ranks (critlib.distributed)."""
+    share of the windows and gradients are summed over ranks (critlib.distributed). `gather`: with several
+    metrics, gather every metric's score at the union of their global top-K (cross-metric Spearman; a second
+    pass even without exact_stats)."""
     metrics: tuple[str, ...]
     topk_global: int = 1000
     topk_per_layer: int = 100
@@ -203,6 +205,7 @@ class AnalyzeConfig:
     kernel: str = "auto"
     check_memory: bool = True
     distributed: bool | None = None
+    gather: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "metrics", tuple(checked(self.metrics)))
@@ -279,7 +282,7 @@ class Collector:
                 self.stats[m].groups["global"].settle()
                 self.hist[m] = self.stats[m].groups["global"].hist_count.clone()
         union: dict[str, list[int]] = {}
-        if len(c.metrics) > 1:
+        if len(c.metrics) > 1 and c.gather:
             for m in c.metrics:
                 for name, flat, _ in self.topk[m].global_topk(c.topk_global, self.order):
                     union.setdefault(name, []).append(flat)

@@ -36,6 +36,9 @@ def test_loops_report_through_the_channel(channel, capsys):
     time.sleep(progress.WRITE_EVERY)
     bar.update(1)
     assert read(channel) == "bit flips 4"
+    for _ in Bar(range(50), desc="shown", file=io.StringIO(), mininterval=0, miniters=1):  # tqdm calls update
+        pass
+    assert read(channel) == "shown 50/50"
     for _ in track(["a", "b"], "flips to break"):
         pass
     assert read(channel) == "flips to break 2/2"

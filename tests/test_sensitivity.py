@@ -117,3 +117,17 @@ def test_analyze_config_with_settings_put_over_it(windows):
     p = load_params(None, ["metrics=wanda,magnitude", "fisher_dtype=bf16", "kernel=torch"])
     assert analyze_config(p, bottomk=3, exact_stats=False) == AnalyzeConfig(
         metrics=("wanda", "magnitude"), fisher_dtype=torch.bfloat16, kernel="torch", bottomk=3, exact_stats=False)
+
+
+def test_without_gather_the_same_ranking_and_statistics_in_one_pass(windows, monkeypatch):
+    import critlib.sensitivity as sensitivity
+    model = tiny("tiny-llama")
+    config = AnalyzeConfig(metrics=["grad_x_weight", "wanda"], topk_global=12, topk_per_layer=3, exact_stats=False)
+    both = analyze(model, windows, config, progress=False)
+    passes = []
+    real = sensitivity.score_model
+    monkeypatch.setattr(sensitivity, "score_model", lambda *a, **kw: passes.append(a[5]) or real(*a, **kw))
+    one = analyze(model, windows, config, gather=False, progress=False)
+    assert len(passes) == 1 and one.gathered == {"grad_x_weight": {}, "wanda": {}} and both.gathered["wanda"]
+    for m in config.metrics:
+        assert one.global_top(m) == both.global_top(m) and one.stats[m] == both.stats[m]

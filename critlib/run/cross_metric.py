@@ -39,8 +39,9 @@ def run(ctx: Context, p1, outdir: str | Path, progress: bool = True) -> dict:
         with ctx.timer.stage(f"stability {name}"):
             w = load_windows(data, ctx.loaded.tokenizer, p.seq_len, p.n_sequences, 0, p.prepend_bos, seed,
                              p.text_field, vocab_size=vocab)
-            # one pass: exact rankings, statistics within their stated bound (the claims' other seeds)
-            other = analyze(ctx.model, w.score, analyze_config(p, exact_stats=False), progress=progress)
+            # one pass: exact rankings, statistics within their stated bound (the claims' other seeds); no
+            # cross-metric gathering (only Phase 1's scores give the Spearman)
+            other = analyze(ctx.model, w.score, analyze_config(p, exact_stats=False, gather=False), progress=progress)
             runs[name] = top_sets(other, k)
             kinds[name] = kind
             if kind == "seed":
