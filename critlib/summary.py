@@ -177,6 +177,8 @@ def _super_weights(run: _Run) -> list[str]:
                 "rule)."]
     if not confirmed:
         return [f"Super weights: none of {len(cands)} candidate(s) passed the confirmation rule."]
+    ratio_of = lambda c: c.get("ppl_ratio_when_zeroed", c.get("ppl_ratio")) or 0.0  # noqa: E731
+    confirmed.sort(key=ratio_of, reverse=True)
     parts = []
     for c in confirmed[:3]:
         where = f"{c['param']}[{c['row']},{c['col']}]"
@@ -184,8 +186,9 @@ def _super_weights(run: _Run) -> list[str]:
         lo, hi = c.get("ppl_ratio_when_zeroed_lo"), c.get("ppl_ratio_when_zeroed_hi")
         parts.append(where + (f" ×{ratio:.3g}" if ratio is not None else "")
                      + (f" [{lo:.3g}, {hi:.3g}]" if lo is not None and hi is not None else ""))
-    return [f"Confirmed super weights: {len(confirmed)} of {len(cands)} candidate(s) — zeroing each alone: "
-            + "; ".join(parts) + "."]
+    more = f"; and {len(confirmed) - 3} more on the Phase 4 page" if len(confirmed) > 3 else ""
+    return [f"Confirmed super weights: {len(confirmed)} of {len(cands)} candidate(s) — zeroing each alone, "
+            "strongest first: " + "; ".join(parts) + more + "."]
 
 
 def _stability(run: _Run) -> list[str]:

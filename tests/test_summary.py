@@ -139,3 +139,11 @@ def test_the_index_draws_its_key_figures_offline(tmp_path):
     write_index(tmp_path / "bare.html", params, record, {}, ["A finding."], "m", [], "plotly.min.js")
     bare = (tmp_path / "bare.html").read_text()
     assert "<script" not in bare and "Key figures" not in bare
+
+
+def test_confirmed_super_weights_strongest_first(tmp_path):
+    cands = [{"param": "p", "row": i, "col": 0, "confirmed": True, "ppl_ratio_when_zeroed": r}
+             for i, r in enumerate([1.2, 1.1, 1.3, 6.4])]
+    (tmp_path / "superweights.json").write_text(json.dumps({"candidates": cands}))
+    text = next(t for t in findings(tmp_path) if t.startswith("Confirmed"))
+    assert "p[3,0] ×6.4; p[2,0] ×1.3; p[0,0] ×1.2; and 1 more on the Phase 4 page." in text
