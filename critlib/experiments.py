@@ -10,7 +10,7 @@ unchanged model is evaluated once per window set, and a perturbation that change
 (ppl_ratio 1, kl 0).
 
 Intervals: a row (one draw) carries the paired bootstrap interval over held-out windows of its effect;
-`summarize` keeps that interval for selectors with one draw and, for selectors with several draws (the random
+`summarize_draws` keeps that interval for selectors with one draw and, for selectors with several draws (the random
 control), gives the t-interval of the mean over draws instead (`critlib.effects.draws_interval`).
 """
 
@@ -44,7 +44,7 @@ EFFECTS = ["ppl_ratio", "kl", "accuracy_delta"]
 POSITION_COLUMNS = ["selector", "metric", "method", "method_arg", "k", "start", "stop", "nll_increase", "n_tokens",
                     "n_draws", "window_set"]
 
-__all__ = ["COLUMNS", "Selector", "dose_response", "summarize", "positions", "main_interventions",
+__all__ = ["COLUMNS", "Selector", "dose_response", "summarize_draws", "positions", "main_interventions",
            "default_selectors", "parse_method"]
 
 
@@ -142,7 +142,7 @@ def _num(v) -> float:
     return float("nan") if v is None else float(v)
 
 
-def summarize(df: pd.DataFrame) -> pd.DataFrame:
+def summarize_draws(df: pd.DataFrame) -> pd.DataFrame:
     """Per (selector, metric, method, method_arg, k): `<value>_mean` and `<value>_std` (ddof 1; NaN for one
     draw) over draws of n_selected, n_changed, ppl, ppl_ratio, accuracy, kl and accuracy_delta, `n_draws`,
     `window_set`, and a 95% interval `<effect>_lo`/`<effect>_hi` of ppl_ratio, kl and accuracy_delta whose kind

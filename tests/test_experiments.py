@@ -9,7 +9,7 @@ from critlib import CritlibError
 from critlib.effects import Evaluations, draws_interval, effect, intervention_key, window_set
 from critlib.evaluate import evaluate
 from critlib.experiments import (COLUMNS, Selector, default_selectors, dose_response, main_interventions, positions,
-                                 summarize)
+                                 summarize_draws)
 from critlib.params import Params, load_params
 from critlib.perturb import BitFlip, Scale, Selection, Zero, parse_method, select_random, select_top
 from critlib.sensitivity import analyze
@@ -117,7 +117,7 @@ def test_summary_intervals_and_positions(setup):
     selectors = default_selectors(model, sens, ["grad_x_weight"], n_random_draws=3, seed=0)
     store = Evaluations(model, batch_size=2)
     df = dose_response(model, heldout, selectors, ["zero"], [1, 10], progress=False, store=store)
-    s = summarize(df)
+    s = summarize_draws(df)
     for _, r in s.iterrows():
         raw = df[(df.selector == r.selector) & (df.k == r.k)]
         if r.selector == "random":  # several draws: the t-interval over draws
@@ -170,12 +170,12 @@ def test_empty_selection_and_draw_rules(setup):
     assert len(df) == 4 and digest(model) == before
 
 
-def test_summarize(setup):
+def test_summarize_draws(setup):
     model, heldout, sens = setup
     selectors = {"random": Selector(lambda k, d: select_random(model, k, 100 + d), draws=3),
                  "top:grad_x_weight": lambda k, d: select_top(sens, "grad_x_weight", k)}
     df = dose_response(model, heldout, selectors, ["sign_flip", "noise:1.0"], [2, 5], progress=False)
-    s = summarize(df)
+    s = summarize_draws(df)
     assert len(s) == 2 * 2 * 2
     r = s[(s.selector == "random") & (s.method == "noise") & (s.k == 5)].iloc[0]
     raw = df[(df.selector == "random") & (df.method == "noise") & (df.k == 5)]

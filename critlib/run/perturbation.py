@@ -12,7 +12,7 @@ import pandas as pd
 
 from .. import CritlibError
 from ..effects import Evaluations
-from ..experiments import default_selectors, dose_response, positions, summarize
+from ..experiments import default_selectors, dose_response, positions, summarize_draws
 from ..io import write_json, write_table
 from ..params import Params
 from . import cache
@@ -48,7 +48,7 @@ def run(ctx: Context, p1, outdir: str | Path, progress: bool = True) -> dict:
     with ctx.timer.stage("perturbation"):
         df = compute(ctx, p1.sens, progress, store)
     cache.save_evaluations(ctx, outdir, store)
-    summary = summarize(df)
+    summary = summarize_draws(df)
     pos = positions(df, store)
     write_table(outdir / "perturbation", df)
     write_table(outdir / "perturbation_summary", summary)
