@@ -138,6 +138,21 @@ def window_pool(source: str, tokenizer, seq_len: int, prepend_bos: bool | str = 
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
+def disjoint_windows(pool: torch.Tensor, n: int, seed: int, taken: set[bytes]) -> tuple[torch.Tensor, int]:
+    """`n` windows of `pool` in the order a seeded shuffle gives (the order `load_windows` takes for that
+    seed), skipping any window in `taken` (windows as bytes) while the pool has others; returns them and how
+    many repeat a taken window because the pool ran out. Adds them to `taken`."""
+    order = np.random.default_rng(seed).permutation(len(pool))
+    fresh = [i for i in order if pool[i].numpy().tobytes() not in taken]
+    pick = fresh[:n]
+    if len(pick) < n:  # too little data: fill with taken windows, and say how many
+        pick += [i for i in order if i not in set(pick)][: n - len(pick)]
+    out = pool[torch.as_tensor(pick, dtype=torch.long)]
+    shared = sum(w.numpy().tobytes() in taken for w in out)
+    taken.update(w.numpy().tobytes() for w in out)
+    return out, shared
+
+
 def _check_vocab(arr: np.ndarray, vocab_size: int | None) -> None:
     if vocab_size is not None and arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
         raise CritlibError(f"token ids must lie in [0, {vocab_size}) for this model, found {arr.min()}..{arr.max()}")

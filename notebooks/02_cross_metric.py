@@ -105,11 +105,14 @@ viz.rank_scatter(pairs) if pairs else Markdown("One metric only: no pairs to com
 
 # %% [markdown]
 # ## Stability: the same metric on other windows and another corpus
+# Each other seed scores windows that Phase 1 and the earlier seeds did not (while the corpus has enough;
+# `repeated_windows` counts those that had to repeat), so the agreement is not inflated by shared data.
 # `magnitude` = |w| does not depend on data, so its top-K is identical across runs (Jaccard 1.0) by
 # construction.
 
 # %%
-viz.stability_bars(r2["stability"])
+display(viz.stability_bars(r2["stability"]))
+r2["stability"].round(4)
 
 # %%
 viz.cross_vs_baseline(r2["cross"]) if len(r2["cross"]) else None

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from critlib import CritlibError
-from critlib.data import builtin_corpora, load_windows, read_texts, tokenizer_adds_bos, window_pool, windows_from_ids
+from critlib.data import (builtin_corpora, disjoint_windows, load_windows, read_texts, tokenizer_adds_bos, window_pool,
+                          windows_from_ids)
 from critlib.models import load_tokenizer
 from tests.conftest import REPO
 
@@ -115,3 +116,15 @@ def test_window_pool_is_every_window_load_windows_can_cut(tok, tmp_path):
     assert window_pool("random", None, 4, vocab_size=10, n_random=3, seed=2).shape == (3, 4)
     with pytest.raises(CritlibError, match="does not exist"):
         window_pool(str(tmp_path / "missing.npy"), None, 4)
+
+
+def test_disjoint_windows_skip_taken_ones_while_the_pool_has_others():
+    pool = torch.arange(10 * 3).reshape(10, 3)
+    first, shared = disjoint_windows(pool, 4, seed=7, taken=set())
+    order = np.random.default_rng(7).permutation(10)
+    assert shared == 0 and torch.equal(first, pool[torch.as_tensor(order[:4])])  # load_windows' order for seed 7
+    taken = {w.numpy().tobytes() for w in first}
+    second, shared = disjoint_windows(pool, 4, seed=7, taken=taken)
+    assert shared == 0 and not {w.numpy().tobytes() for w in second} & {w.numpy().tobytes() for w in first}
+    third, shared = disjoint_windows(pool, 4, seed=1, taken=taken)  # 2 fresh windows left: 2 repeat
+    assert shared == 2 and len({w.numpy().tobytes() for w in third}) == 4 and len(taken) == 10

@@ -182,3 +182,5 @@ def test_phase2_names_the_token_sizes_the_corpus_cannot_hold(tmp_path):
     assert r2["token_sizes"]["skipped"] == [100000] and r2["token_sizes"]["tokens"] == [24]
     manifest = json.loads((tmp_path / "manifest_02_cross_metric.json").read_text())
     assert manifest["stability_tokens"]["skipped"] == [100000]
+    assert manifest["seed_windows_shared"] == {"alt seed 1": 0, "alt seed 2": 0}  # the other seeds' are all new
+    assert set(r2["stability"]["repeated_windows"]) == {0}

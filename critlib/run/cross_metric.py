@@ -11,7 +11,7 @@ import pandas as pd
 
 from ..agreement import cross_table, stability_table, top_sets, with_baseline
 from ..claims import GXW, claims_table, is_study_family
-from ..data import load_windows, window_pool
+from ..data import disjoint_windows, load_windows, window_pool
 from ..datasize import COLUMNS, DATA_METRICS, stability_by_tokens, window_counts
 from ..io import write_json, write_table
 from ..sensitivity import analyze
@@ -35,20 +35,30 @@ def run(ctx: Context, p1, outdir: str | Path, progress: bool = True) -> dict:
     if p.stability_data and p.stability_data != p.data:
         others.append((f"{p.stability_data} seed {p.seed}", p.stability_data, p.seed, "corpus"))
     seeds = [p1.sens]
+    # other seeds' windows are disjoint from Phase 1's and from each other's while the corpus has enough: a
+    # window scored in both runs would make them agree for no reason
+    taken = {w.numpy().tobytes() for w in ctx.windows.score}
+    pool = None if p.data == "random" else window_pool(p.data, ctx.loaded.tokenizer, p.seq_len, p.prepend_bos,
+                                                         p.text_field, vocab)
+    shared = {}
     for name, data, seed, kind in others:
         with ctx.timer.stage(f"stability {name}"):
-            w = load_windows(data, ctx.loaded.tokenizer, p.seq_len, p.n_sequences, 0, p.prepend_bos, seed,
-                             p.text_field, vocab_size=vocab)
+            if kind == "seed" and pool is not None:
+                windows, shared[name] = disjoint_windows(pool, p.n_sequences, seed, taken)
+            else:  # another corpus, or random tokens: disjoint by construction
+                windows = load_windows(data, ctx.loaded.tokenizer, p.seq_len, p.n_sequences, 0, p.prepend_bos, seed,
+                                       p.text_field, vocab_size=vocab).score
             # one pass: exact rankings, statistics within their stated bound (the claims' other seeds); no
             # cross-metric gathering (only Phase 1's scores give the Spearman)
-            other = analyze(ctx.model, w.score, analyze_config(p, exact_stats=False, gather=False), progress=progress)
+            other = analyze(ctx.model, windows, analyze_config(p, exact_stats=False, gather=False), progress=progress)
             runs[name] = top_sets(other, k)
             kinds[name] = kind
             if kind == "seed":
                 seeds.append(other)
     stab = stability_table(runs, base, kinds)
+    stab["repeated_windows"] = stab["run_b"].map(shared).fillna(0).astype("int64")  # of Phase 1 or an earlier seed
     table = with_baseline(cross_table(p1.sens, k), stab)
-    by_tokens, sizes = _by_tokens(ctx, k, progress)
+    by_tokens, sizes = _by_tokens(ctx, k, progress, pool)
     write_table(outdir / "cross_metric", table)
     write_table(outdir / "stability", stab)
     write_table(outdir / "stability_tokens", by_tokens)
@@ -60,6 +70,7 @@ def run(ctx: Context, p1, outdir: str | Path, progress: bool = True) -> dict:
                                                                "claims_seeds": [p.seed] + [s for _, _, s, kind in
                                                                                            others if kind == "seed"],
                                                                "stability_tokens": sizes,
+                                                               "seed_windows_shared": shared,
                                                                "phase1_from_cache": p1.from_cache}))
     items = []
     if len(table):
@@ -82,17 +93,19 @@ def run(ctx: Context, p1, outdir: str | Path, progress: bool = True) -> dict:
             "stability_tokens": by_tokens, "token_sizes": sizes}
 
 
-def _by_tokens(ctx: Context, k: int, progress: bool):
-    """The `stability_tokens` table on two disjoint halves of the scoring corpus, and what was measured: the
-    sizes, those the corpus cannot hold twice, and the windows it has."""
+def _by_tokens(ctx: Context, k: int, progress: bool, pool):
+    """The `stability_tokens` table on two disjoint halves of the scoring corpus (`pool`: its windows; None
+    for random tokens), and what was measured: the sizes, those the corpus cannot hold twice, and the windows
+    it has."""
     p = ctx.params
     sizes = {"tokens": p.stability_tokens, "skipped": [], "corpus_windows": None, "corpus": p.data}
     if not p.stability_tokens or not any(m in DATA_METRICS for m in p.metrics):
         return pd.DataFrame(columns=COLUMNS), sizes
     with ctx.timer.stage("stability by tokens"):
         most = -(-max(p.stability_tokens) // p.seq_len)
-        pool = window_pool(p.data, ctx.loaded.tokenizer, p.seq_len, p.prepend_bos, p.text_field,
-                           ctx.model.get_input_embeddings().num_embeddings, n_random=2 * most, seed=p.seed)
+        if pool is None:
+            pool = window_pool(p.data, ctx.loaded.tokenizer, p.seq_len, p.prepend_bos, p.text_field,
+                               ctx.model.get_input_embeddings().num_embeddings, n_random=2 * most, seed=p.seed)
         counts, sizes["skipped"] = window_counts(p.stability_tokens, p.seq_len, len(pool))
         sizes["corpus_windows"] = len(pool)
         sizes["tokens"] = [n * p.seq_len for n in counts]
