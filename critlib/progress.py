@@ -173,9 +173,10 @@ class Follower:
             self._shown = True
 
 
-# Seconds per phase of `make run` on the default model (SmolLM2-135M, 8 + 8 windows of 128 tokens), 2-core CPU
-DEFAULT_SECONDS = {"01_sensitivity": 47, "02_cross_metric": 41, "03_perturbation": 142, "04_super_weights": 64,
-                   "05_token_explorer": 29, "06_applications": 156}
+# Seconds per phase of a first `make run` on the default model (SmolLM2-135M, 8 + 8 windows of 128 tokens), on
+# a 2-core Intel Xeon (BENCHMARKS.md, "The default model, `make run`, on the Intel Xeon")
+DEFAULT_SECONDS = {"01_sensitivity": 72, "02_cross_metric": 103, "03_perturbation": 135, "04_super_weights": 44,
+                   "05_token_explorer": 17, "06_applications": 202}
 DEFAULT_TOKENS = (8 + 8) * 128
 
 

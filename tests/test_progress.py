@@ -2,6 +2,7 @@
 run`, throttled on both ends), and the phases' time estimate."""
 
 import io
+import math
 import os
 import time
 
@@ -88,11 +89,13 @@ def test_estimate_from_the_last_run_or_scaled_defaults():
     same.finished("03_perturbation", 190.0)
     assert same.line() == ""
     rough = Estimate(keys, {}, 2048 // 4)  # a quarter of the default data: a quarter of the default times
-    assert rough.remaining() == pytest.approx((47 + 142) / 4)
+    d = progress.DEFAULT_SECONDS
+    assert rough.remaining() == pytest.approx((d["01_sensitivity"] + d["03_perturbation"]) / 4)
     assert rough.line().endswith("(rough estimate: default phase times scaled by the data size)")
-    rough.finished("01_sensitivity", 94.0)  # twice the default's pace
-    assert rough.remaining() == pytest.approx(2 * 142)
-    assert rough.line() == "~5 min left (rough estimate: default phase times scaled by this run's pace so far)"
+    rough.finished("01_sensitivity", 2.0 * d["01_sensitivity"])  # twice the default's time
+    assert rough.remaining() == pytest.approx(2 * d["03_perturbation"])
+    assert rough.line() == (f"~{math.ceil(2 * d['03_perturbation'] / 60)} min left (rough estimate: default phase "
+                            "times scaled by this run's pace so far)")
 
 
 def test_previous_times_only_for_the_same_parameters():
