@@ -110,8 +110,3 @@ class Reducer:
             else t.to(device=dev, dtype=torch.float32, memory_format=torch.contiguous_format)
         dist.all_reduce(buf)
         return buf if buf.device == t.device else buf.to(t.device)
-
-
-def reducer() -> Reducer | None:
-    """A Reducer when several ranks run, else None (single-process code paths stay untouched)."""
-    return Reducer() if active() else None

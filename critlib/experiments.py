@@ -25,7 +25,7 @@ import torch
 
 from . import CritlibError
 from .effects import Evaluations, draws_interval, intervention_key
-from .perturb import (Method, Selection, magnitude_ranking, method_label, parse_method, perturbed,
+from .perturb import (Selection, magnitude_ranking, parse_method, perturbed,
                       select_bottom, select_random, select_top)
 from .progress import Bar
 
@@ -231,7 +231,3 @@ def default_selectors(model: torch.nn.Module, sens, metrics: list[str] | None = 
 
     out["magnitude"] = Selector(magnitude)
     return out
-
-
-def describe_methods(methods: list[Method | str]) -> list[str]:
-    return [m if isinstance(m, str) else method_label(m) for m in methods]
