@@ -67,3 +67,28 @@ def sens():
     windows = torch.randint(0, 96, (4, 12), generator=gen)
     return analyze(tiny("tiny-qwen2"), windows, metrics=["grad_x_weight", "magnitude", "wanda"], topk_global=40,
                    topk_per_layer=5, batch_size=2, progress=False)
+
+
+# A quick run of every phase on tiny-llama and random tokens (tests/test_run*.py).
+RUN_SETS = ["model=tiny-llama", "data=random", "seq_len=12", "n_sequences=2", "n_heldout=2", "batch_size=2",
+            "device=cpu", "metrics=[grad_x_weight, magnitude]", "topk_per_layer=5", "topk_global=20",
+            "perturb_ks=[1]", "quant_group_size=16", "quant_keep_percents=[0, 1]", "prune_sparsities=[0.5]",
+            "bitflip_top_n=1", "bitflip_bits=[sign]", "bitflip_cap=4", "bitflip_draws=1", "stability_data=random"]
+
+
+def run_cli(*argv, sets=RUN_SETS):
+    """`critlib ARGV -q` with RUN_SETS as --set options; the exit code."""
+    from critlib.cli import main
+    return main(list(argv) + ["-q"] + [x for s in sets for x in ("--set", s)])
+
+
+def folder_files(folder):
+    """{relative path: bytes} of every file under `folder`."""
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+@pytest.fixture(scope="module")
+def run_ctx():
+    from critlib.params import load_params
+    from critlib.run.context import prepare
+    return prepare(load_params(None, RUN_SETS))
