@@ -146,7 +146,8 @@ def disjoint_windows(pool: torch.Tensor, n: int, seed: int, taken: set[bytes]) -
     fresh = [i for i in order if pool[i].numpy().tobytes() not in taken]
     pick = fresh[:n]
     if len(pick) < n:  # too little data: fill with taken windows, and say how many
-        pick += [i for i in order if i not in set(pick)][: n - len(pick)]
+        chosen = set(pick)
+        pick += [i for i in order if i not in chosen][: n - len(pick)]
     out = pool[torch.as_tensor(pick, dtype=torch.long)]
     shared = sum(w.numpy().tobytes() in taken for w in out)
     taken.update(w.numpy().tobytes() for w in out)

@@ -76,11 +76,10 @@ def running_scores(model: torch.nn.Module, windows: torch.Tensor, metrics: list[
 
             def each(emit, n=n):
                 for name, p in params:
-                    w = p.detach().float()
                     if need_g:
                         g = gsum[name] / n
                         if "grad_x_weight" in metrics:
-                            emit("grad_x_weight", name, (g * w).abs_())
+                            emit("grad_x_weight", name, (g * p.detach().float()).abs_())
                         if "grad_squared" in metrics:
                             emit("grad_squared", name, g.square())
                     if fisher:

@@ -65,9 +65,10 @@ class Bar(tqdm):
         self.label = desc or "working"
         self.expected = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
         self.done = 0
+        self._iterating = False  # a shown tqdm calls `update` from its own iteration: counted there, not here
 
     def __iter__(self):
-        self._iterating = True  # a shown tqdm calls `update` from its own iteration: counted here, not there
+        self._iterating = True
         try:
             for x in super().__iter__():
                 yield x
@@ -76,7 +77,7 @@ class Bar(tqdm):
             self._iterating = False
 
     def update(self, n=1):
-        if not getattr(self, "_iterating", False):
+        if not self._iterating:
             self._count(n)
         return super().update(n)
 

@@ -342,8 +342,7 @@ class Collector:
         names = self.unsplit(name)
         if self.backend is Backend.OFF or names is None:
             return False
-        wf, gf = w.reshape(-1), g.reshape(-1)
-        step = step_for(w.device, self.config.chunk_size)
+        wf, gf, step = w.reshape(-1), g.reshape(-1), self.step
         for start in range(0, wf.numel(), step) if self.config.exact_stats else ():
             self.stats[metric].add(names, kernel_score(wf[start:start + step], gf[start:start + step], metric))
         if name in self.idx:

@@ -4,7 +4,9 @@ controls, with intervals), the confirmed super weights, how stable the ranking i
 and the key figures drawn from the same files (`key_figures`), for the index.
 
 Every sentence states only what its numbers support: an effect is called larger than the random control
-only when its interval lies wholly above the control's; a missing file leaves its sentence (or figure) out.
+only when its interval lies wholly above the control's; a ranking's agreement is called "still rising" when
+its mean Jaccard at the largest data size exceeds the one before by more than STILL_RISING; a missing file
+leaves its sentence (or figure) out.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+STILL_RISING = 0.02  # mean Jaccard gained between the two largest data sizes
 GGUF_TYPE = re.compile(r"(?i)\b(I?Q\d_[A-Z0-9_]+|Q\d_\d|Q\d|F16|F32|BF16)\b")
 
 
@@ -207,7 +210,7 @@ def _stability(run: _Run) -> list[str]:
         out.append("With more data: the mean Jaccard of the data-dependent metrics between two disjoint token "
                    "sets is " + ", ".join(f"{v:.2f} at {t:,} tokens" for t, v in mean.items())
                    + (" (still rising: score on more tokens before trusting the exact top-K)."
-                      if len(mean) > 1 and mean.iloc[-1] > mean.iloc[-2] + 0.02 else "."))
+                      if len(mean) > 1 and mean.iloc[-1] > mean.iloc[-2] + STILL_RISING else "."))
     return out
 
 

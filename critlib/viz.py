@@ -386,12 +386,21 @@ def _dash(selector: str) -> str | None:
     return "dash" if selector.startswith("bottom:") else None
 
 
+def _log_low(lo, mean, hi):
+    """A lower edge a log axis can draw: `lo`, or where lo ≤ 0 the mean divided by the factor the upper edge
+    lies above it (mean² / hi)."""
+    lo, mean, hi = (np.asarray(a, dtype=float) for a in (lo, mean, hi))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(lo > 0, lo, mean * mean / hi)
+
+
 def dose_response(summary: pd.DataFrame, value: str = "ppl_ratio", log_y: bool = True) -> go.Figure:
     """Dose-response over K of `value` (ppl_ratio, accuracy or kl), one panel per perturbation method, one
-    line per selector (fixed colours, `colors`; controls dotted, bottom-K dashed); selectors with several
-    draws show mean ± std as a band. On a log axis, where mean − std ≤ 0 the band's lower edge mirrors its
-    upper edge (same factor below the mean as above), so it does not fill down to the axis. Points whose value
-    is NaN/inf (the model broke) are drawn as × at the top of the axis, labelled "broken"."""
+    line per selector (fixed colours, `colors`; controls dotted, bottom-K dashed). The band is the 95% interval
+    (`<value>_lo`/`_hi`: ppl_ratio and kl) of every selector; a value without intervals (accuracy) shows mean ±
+    std over draws for selectors with several. On a log axis a lower edge ≤ 0 mirrors the upper edge (`_log_low`),
+    so the band does not fill down to the axis. Points whose value is NaN/inf (the model broke) are drawn as ×
+    at the top of the axis, labelled "broken"."""
     methods = list(dict.fromkeys(zip(summary["method"], summary["method_arg"].fillna(""))))
     titles = [f"{m}{':' + a if a else ''}" for m, a in methods]
     cols = min(3, len(methods)) or 1
@@ -403,7 +412,8 @@ def dose_response(summary: pd.DataFrame, value: str = "ppl_ratio", log_y: bool =
     cmap = colors(selectors)
     names, hidden = _magnitude_labels(summary)
     drawn = summary[(summary["k"] > 0) & ~summary["selector"].isin(hidden)]
-    top = drawn[f"{value}_mean"] + drawn[f"{value}_std"].fillna(0)
+    ci = f"{value}_lo" in drawn and f"{value}_hi" in drawn
+    top = drawn[f"{value}_hi"] if ci else drawn[f"{value}_mean"] + drawn[f"{value}_std"].fillna(0)
     level = _ceiling(list(top) + list(drawn[f"{value}_mean"]), log)
     n_broken = 0
     for i, (m, a) in enumerate(methods):
@@ -413,25 +423,28 @@ def dose_response(summary: pd.DataFrame, value: str = "ppl_ratio", log_y: bool =
             d = sub[sub["selector"] == s].sort_values("k")
             if d.empty:
                 continue
-            mean, std = d[f"{value}_mean"].astype(float), d[f"{value}_std"].astype(float).fillna(0)
-            ok = np.isfinite(mean) & np.isfinite(std)
-            if (d["n_draws"] > 1).any() and ok.any():
-                k, mu, sd = d["k"][ok], mean[ok], std[ok]
-                lo = mu - sd
-                if log:
-                    lo = lo.where(lo > 0, mu * mu / (mu + sd))
-                fig.add_trace(go.Scatter(x=list(k) + list(k)[::-1], y=list(mu + sd) + list(lo)[::-1], fill="toself",
+            mean = d[f"{value}_mean"].astype(float)
+            if ci:
+                lo, hi = d[f"{value}_lo"].astype(float), d[f"{value}_hi"].astype(float)
+                shown = [f"{v:.4g} [{a:.4g}, {b:.4g}]" for v, a, b in zip(mean, lo, hi)]
+            else:
+                std = d[f"{value}_std"].astype(float).fillna(0)
+                lo, hi = mean - std, mean + std
+                shown = [f"{v:.4g} ± {e:.2g}" for v, e in zip(mean, std)]
+            ok = np.isfinite(mean) & np.isfinite(lo) & np.isfinite(hi)
+            if (ci or (d["n_draws"] > 1).any()) and ok.any():
+                k, low = d["k"][ok], _log_low(lo[ok], mean[ok], hi[ok]) if log else lo[ok]
+                fig.add_trace(go.Scatter(x=list(k) + list(k)[::-1], y=list(hi[ok]) + list(low)[::-1], fill="toself",
                                          fillcolor=cmap[s], opacity=0.2, line=dict(width=0), hoverinfo="skip",
                                          showlegend=False, legendgroup=s), row=r, col=c)
             y, broken = _at_level(mean, level)
             n_broken += sum(broken)
-            shown = [f"{v:.4g} ± {e:.2g}" if not b else "NaN/inf: the model broke"
-                     for v, e, b in zip(mean, std, broken)]
+            shown = ["NaN/inf: the model broke" if b else t for t, b in zip(shown, broken)]
             fig.add_trace(go.Scatter(
                 x=d["k"], y=y, mode="lines+markers+text", name=names[s], legendgroup=s, showlegend=i == 0,
                 line=dict(color=cmap[s], dash=_dash(s)), **_broken_marks(broken),
                 customdata=np.stack([np.array(shown, dtype=object), d["n_draws"], d["n_changed_mean"]], axis=1),
-                hovertemplate=(f"<b>{names[s]}</b> K=%{{x}}<br>{value}: %{{customdata[0]}}"
+                hovertemplate=(f"<b>{names[s]}</b> K=%{{x}}<br>{value}{' (95% interval)' if ci else ''}: %{{customdata[0]}}"
                                "<br>draws: %{customdata[1]}, weights changed: %{customdata[2]:.0f}<extra></extra>")),
                 row=r, col=c)
     fig.update_xaxes(type="log", title="K (weights perturbed)")
@@ -460,7 +473,7 @@ def causal_test(frame: pd.DataFrame) -> go.Figure:
         up, down, shown = [], [], []
         for v, lo, hi, b in zip(y, _finite(g["ppl_ratio_lo"]), _finite(g["ppl_ratio_hi"]), broken):
             ok = not b and lo is not None and hi is not None
-            lo = lo if not ok or lo > 0 else v * v / hi
+            lo = float(_log_low(lo, v, hi)) if ok else lo
             up.append(hi - v if ok else 0)
             down.append(v - lo if ok else 0)
             shown.append("NaN/inf: the model broke" if b else f"{v:.4g}" + (f" [{lo:.4g}, {hi:.4g}]" if ok else ""))

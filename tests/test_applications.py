@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from critlib import CritlibError
-from critlib.applications import APPLICATIONS, ApplicationsConfig, run_applications, selectors
+from critlib.applications import ApplicationsConfig, run_applications, selectors
 from critlib.data import Windows
 from critlib.params import load_params
 from critlib.run.context import config_from
@@ -29,4 +29,3 @@ def test_only_the_parts_asked_for_and_the_reference_is_the_unchanged_model():
     assert set(tables["pruning"]["selector"]) >= {"magnitude", "random"}
     with pytest.raises(CritlibError, match="unknown application"):
         run_applications(tiny("tiny-llama"), windows, cfg, which=("nope",))
-    assert set(APPLICATIONS) == {"quantize", "prune", "bitflip"}

@@ -226,6 +226,18 @@ def test_dose_response_bands_stay_above_zero_on_log_axes():
     assert min(next(t for t in lin.data if t.fill == "toself").y) == pytest.approx(0.01 - 0.05)
 
 
+def test_dose_response_bands_are_the_95_intervals_where_the_table_has_them():
+    df = _summary([("top:m", 1), ("random", 3)], value=lambda s, k: 2.0)
+    df["ppl_ratio_lo"], df["ppl_ratio_hi"] = np.where(df["selector"] == "random", -1.0, 1.5), 3.0
+    fig = viz.dose_response(df)
+    bands = [t for t in fig.data if t.fill == "toself"]
+    assert len(bands) == 2  # the one-draw selector's interval too (a bootstrap over windows)
+    top, rnd = bands
+    assert list(top.y) == [3.0] * 3 + [1.5] * 3
+    assert list(rnd.y) == [3.0] * 3 + [pytest.approx(2.0 * 2.0 / 3.0)] * 3  # lo ≤ 0 on a log axis: mirrored
+    assert "[1.5, 3]" in _trace(fig, "top:m").customdata[0][0]
+
+
 def test_selectors_have_distinct_fixed_colours_and_controls_stand_apart():
     metrics = ["grad_x_weight", "grad_squared", "fisher", "magnitude", "wanda"]
     sels = [f"top:{m}" for m in metrics] + [f"bottom:{m}" for m in metrics] + ["random", "magnitude"]
