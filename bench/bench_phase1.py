@@ -222,7 +222,7 @@ def worker(args) -> dict:
     from critlib.kernels import multi
     for name in ("add", "finish"):  # analyze's fused pass 1: tensors batched into multi-tensor passes
         setattr(multi.Pass1, name, timing(getattr(multi.Pass1, name)))
-    for name in ("_feed", "_add_cell"):
+    for name in ("_feed", "_add_cell", "summarize_steps"):
         setattr(sensitivity, name, timing(getattr(sensitivity, name)))
     for cls, name in ((sensitivity.TopK, "add"), (sensitivity.TopK, "add_candidates"), (Stats, "merge"),
                       (sensitivity._Fold, "_add"), (sensitivity._Fold, "_close")):

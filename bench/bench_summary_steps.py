@@ -1,6 +1,7 @@
-"""The CPU cost of each step of `critlib.stats.summarize` and of the top-K, per weight, on one score tensor read
-in the chunks `Stats` uses, with the alternatives tried for the histogram (BENCHMARKS.md, "Ranking + statistics
-on an Intel Xeon"). Prints ns per weight, best and median of --repeats runs.
+"""The CPU cost of each step of torch's `critlib.stats.summarize`, of the compiled summary that replaces it
+(`critlib.kernels.cpu`) and of the top-K, per weight, on one score tensor read in the chunks `Stats` uses,
+with the alternatives tried for the histogram (BENCHMARKS.md, "Ranking + statistics on an Intel Xeon").
+Prints ns per weight, best and median of --repeats runs.
 
     .venv/bin/python bench/bench_summary_steps.py [--numel 65667072] [--repeats 5]
 """
@@ -14,8 +15,9 @@ import numpy as np
 import torch
 
 from critlib.bins import CPU_STEP, N_BINS
-from critlib.rank import topk_chunked
-from critlib.stats import summarize
+from critlib.rank import BLOCK, topk_chunked
+from critlib.kernels import cpu
+from critlib.stats import _summarize_torch, summarize_steps
 
 
 def main() -> None:
@@ -34,9 +36,13 @@ def main() -> None:
     rnd = torch.randint(0, N_BINS, (n,), dtype=torch.int32)
     off4 = (torch.arange(step, dtype=torch.int32) % 4) << 15
     hn = hi.numpy()
+    maxima = summarize_steps(x, step, BLOCK)[2]
 
     cases = {
-        "stats.summarize (whole per-chunk summary)": lambda: [summarize(x[i:i + step]) for i in chunks],
+        "torch's per-chunk summary (stats._summarize_torch)": lambda: [_summarize_torch(x[i:i + step]) for i in chunks],
+        "compiled C summary, all chunks (stats.summarize_steps)": lambda: summarize_steps(x, step),
+        "  the same, with the top-K's block maxima": lambda: summarize_steps(x, step, BLOCK),
+        "top-k from those block maxima": lambda: topk_chunked(x, 1000, 1 << 30, maxima),
         "top-16-bit shift": lambda: [torch.bitwise_right_shift(xi[i:i + step], 16, out=ibuf) for i in chunks],
         "torch.bincount of the top 16 bits": lambda: [torch.bincount(hi[i:i + step], minlength=N_BINS) for i in chunks],
         "  its min + max reductions": lambda: [(hi[i:i + step].min(), hi[i:i + step].max()) for i in chunks],
@@ -52,7 +58,8 @@ def main() -> None:
         "alt: 4 interleaved sub-histograms, folded": lambda: [
             torch.bincount(hi[i:i + step] + off4, minlength=4 * N_BINS).view(4, -1).sum(0) for i in chunks],
     }
-    print(f"{n} float32 scores in chunks of {step}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{n} float32 scores in chunks of {step}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"CPU summary: {cpu.describe()}")
     for label, fn in cases.items():
         runs = []
         for _ in range(args.repeats):

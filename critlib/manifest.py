@@ -69,5 +69,7 @@ class Timer:
 
 
 def host() -> dict:
+    """The machine, and how statistics are summarised on its CPU (compiled C, or torch and why)."""
+    from .kernels import cpu
     return {"platform": platform.platform(), "machine": platform.machine(),
-            "cpu_threads": torch.get_num_threads()}
+            "cpu_threads": torch.get_num_threads(), "cpu_summary": cpu.describe()}

@@ -60,22 +60,16 @@ def sort_candidates(values: torch.Tensor, index: torch.Tensor) -> tuple[torch.Te
 BLOCK = 32
 
 
-def _candidates(flat: torch.Tensor, k: int, step: int,
-                trim: bool | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _candidates(flat: torch.Tensor, k: int, step: int, trim: bool | None = None,
+                maxima: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Ascending indices of a small superset of the top-k of `flat`: the elements ≥ τ, the k-th largest
     maximum of the blocks of BLOCK consecutive elements (k blocks reach τ, so the k-th largest value is ≥ τ),
     looked for only in the blocks that reach τ. One read of `flat`, in steps of `step` elements (a multiple
     of BLOCK). Returns (indices, their values), or None when ties make nearly every block a candidate.
     `trim` (default: on a CPU) keeps only values ≥ τ; otherwise whole blocks come back (lanes past the end
-    valued -inf) rather than wait on a GPU for their count."""
-    maxima = []
-    for start in range(0, flat.numel(), step):
-        c = flat[start:start + step]
-        full = c.numel() // BLOCK * BLOCK
-        maxima.append(c[:full].view(-1, BLOCK).amax(1))
-        if full < c.numel():
-            maxima.append(c[full:].amax().reshape(1))
-    bm = torch.cat(maxima)
+    valued -inf) rather than wait on a GPU for their count. `maxima`: the block maxima, where they were made
+    on the way already (`critlib.stats.summarize_steps`)."""
+    bm = _block_maxima(flat, step) if maxima is None else maxima
     tau = torch.topk(bm, k, sorted=False).values.min()
     blocks = (bm >= tau).nonzero().flatten()
     if blocks.numel() > bm.numel() // 4:
@@ -90,15 +84,29 @@ def _candidates(flat: torch.Tensor, k: int, step: int,
     return idx, flat[idx]
 
 
-def topk_chunked(x: torch.Tensor, k: int, chunk_size: int = 1 << 30) -> tuple[torch.Tensor, torch.Tensor]:
+def _block_maxima(flat: torch.Tensor, step: int) -> torch.Tensor:
+    """The maximum of every BLOCK consecutive elements (the last block may be short), in steps of `step`."""
+    maxima = []
+    for start in range(0, flat.numel(), step):
+        c = flat[start:start + step]
+        full = c.numel() // BLOCK * BLOCK
+        maxima.append(c[:full].view(-1, BLOCK).amax(1))
+        if full < c.numel():
+            maxima.append(c[full:].amax().reshape(1))
+    return torch.cat(maxima)
+
+
+def topk_chunked(x: torch.Tensor, k: int, chunk_size: int = 1 << 30,
+                 maxima: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of a flattened tensor of any size, read in steps of at most `chunk_size` elements (see
     `critlib.bins.step_for`): block maxima pick the few blocks that can hold a top-k value, and only those
-    are ranked. Where ties defeat that, the top-k of each step are merged."""
+    are ranked. Where ties defeat that, the top-k of each step are merged. `maxima`: the maxima of `x`'s
+    blocks of BLOCK elements, where the statistics made them already."""
     flat = x.reshape(-1)
     n = flat.numel()
     step = step_for(flat.device, chunk_size)
     if 0 < k and -(-n // BLOCK) >= 4 * k:
-        found = _candidates(flat, k, max(BLOCK, step // BLOCK * BLOCK))
+        found = _candidates(flat, k, max(BLOCK, step // BLOCK * BLOCK), maxima=maxima)
         if found is not None:  # ascending indices: topk_exact's lowest-position tie-break is the lowest index
             v, i = topk_exact(found[1], k)
             return v, found[0][i]
@@ -125,8 +133,8 @@ class TopK:
         self.chunk_size = chunk_size
         self.candidates: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def add(self, name: str, scores: torch.Tensor) -> None:
-        v, i = topk_chunked(scores.detach(), self.k, self.chunk_size)
+    def add(self, name: str, scores: torch.Tensor, maxima: torch.Tensor | None = None) -> None:
+        v, i = topk_chunked(scores.detach(), self.k, self.chunk_size, maxima)
         self.candidates[name] = (v.float().cpu(), i.cpu())
 
     def add_candidates(self, name: str, values: torch.Tensor, index: torch.Tensor) -> None:

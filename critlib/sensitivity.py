@@ -25,9 +25,9 @@ from .kernels import Backend, backend_named, multi, resolve_backend
 from .kernels import score as kernel_score
 from .layout import Part, component_at, is_token_matrix, layer_of, parts_of
 from .metrics import checked
-from .rank import TopK, merge, topk_chunked
+from .rank import BLOCK, TopK, merge, topk_chunked
 from .scores import release_memory, saving_of, score_model, scored_parameters
-from .stats import Stats, summarize
+from .stats import Stats, summarize_steps
 
 COLUMNS = ["metric", "scope", "rank", "param", "layer", "component", "row", "col", "score", "weight",
            "token_id", "token"]
@@ -154,21 +154,20 @@ class _Fold(_Sink):
 
     def _add(self, row: int, s: torch.Tensor) -> None:
         flat, off = s.detach().reshape(-1), row * self.ncols
-        v, i = topk_chunked(flat, self.k, self.chunk_size)
+        rows, counts, maxima = summarize_steps(flat, self.align, BLOCK)
+        v, i = topk_chunked(flat, self.k, self.chunk_size, maxima)
         self.top.append((v.float().cpu(), i.cpu() + off))
         if self.keep_bottom:
             v, i = topk_chunked(-flat, self.k_bottom, self.chunk_size)
             self.bottom.append((v.float().cpu(), i.cpu() + off))
-        for start in range(0, flat.numel(), self.align):
-            r, c = summarize(flat[start:start + self.align].float().contiguous())
-            self.rows.append(r)
-            self.counts = c if self.counts is None else self.counts.add_(c)
+        self.rows.append(rows)
+        self.counts = counts if self.counts is None else self.counts.add_(counts)
 
     def _close(self) -> None:
         self.keep_top(torch.cat([v for v, _ in self.top]), torch.cat([i for _, i in self.top]))
         if self.keep_bottom:
             self.keep_bottom(torch.cat([v for v, _ in self.bottom]), torch.cat([i for _, i in self.bottom]))
-        self.merge_stats(torch.stack(self.rows), self.counts, self.n)
+        self.merge_stats(torch.cat(self.rows), self.counts, self.n)
         self.top = self.bottom = self.rows = []
 
 
@@ -289,10 +288,18 @@ class Collector:
         self.idx = {n: torch.tensor(sorted(set(v))) for n, v in union.items()}
 
     def emit1(self, metric: str, name: str, s: torch.Tensor) -> None:
-        self.topk[metric].add(name, s)
+        """Rank and summarise one tensor's scores. A tensor whose groups take it whole is summarised in one
+        call that also makes the top-K's block maxima (one read of the scores instead of two on a CPU)."""
+        names, maxima = self.unsplit(name), None
+        if names is not None and s.numel():
+            rows, counts, maxima = summarize_steps(s.detach().reshape(-1), self.step, BLOCK)
+            _add_cell(self.cells[metric], layer_of(name), names, s.numel(),
+                      self.stats[metric].merge(names, rows, counts))
+        else:
+            _feed(self.stats[metric], self.groups[name], s, self.cells[metric], layer_of(name))
+        self.topk[metric].add(name, s, maxima)
         if self.bottom:
             self.bottom[metric].add(name, -s)
-        _feed(self.stats[metric], self.groups[name], s, self.cells[metric], layer_of(name))
 
     def fused1(self, metric: str, name: str, w: torch.Tensor, g: torch.Tensor) -> bool:
         """Batch the tensor into multi-tensor passes (many tensors a launch); bottom-K and split tensors need

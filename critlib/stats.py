@@ -8,8 +8,9 @@ scores of the bins above the top-share thresholds exactly. Without pass 2 a valu
 bin, a relative error of at most 2**-7 (top-share takes each bin's values at its midpoint: within 2**-8).
 
 Work stays on the scores' device: nothing is copied to the host until a summary is asked for, so a GPU run
-does not wait on the host once per tensor. On a CPU the scores are read in steps of `bins.CPU_STEP` elements,
-whose float64 and integer temporaries stay in cache instead of being allocated afresh for every tensor.
+does not wait on the host once per tensor. On a CPU the scores are read in steps of `bins.CPU_STEP` elements:
+by the compiled summary (`critlib.kernels.cpu`, all steps of a tensor in one call, on torch's threads) where
+a C compiler is at hand, else by torch, whose temporaries then stay in cache.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from .bins import N_BINS, high_bits, step_for
+from .kernels import cpu
 
 PERCENTILES = (50.0, 90.0, 95.0, 99.0, 99.9, 99.99)
 TOP_SHARES = (0.0001, 0.001, 0.01)  # fractions of all weights: 0.01%, 0.1%, 1%
@@ -51,12 +53,36 @@ def summarize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from .kernels import summarize as fused_summarize
         if is_triton_available(x.device):
             return fused_summarize(x)
+    done = cpu.summarize_steps(x, x.numel())
+    if done is not None:
+        return done[0][0], done[1]
+    return _summarize_torch(x)
+
+
+def _summarize_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     counts = torch.bincount(high_bits(x), minlength=N_BINS)
     x64 = x.double()
     s = x64.sum()
     m2 = (torch.dot(x64, x64) - s * s / x.numel()).clamp_min_(0)
     lo, hi_v = torch.aminmax(x)
     return torch.stack([s.new_full((), x.numel()), s, m2, lo.double(), hi_v.double()]), counts
+
+
+def summarize_steps(flat: torch.Tensor, step: int, block: int = 0) -> tuple[torch.Tensor, torch.Tensor,
+                                                                            torch.Tensor | None]:
+    """`summarize` of each step of `step` elements of the 1-D scores `flat`: ([steps, 5] rows, their summed
+    histogram, block maxima or None). On a CPU one call of the compiled summary (`critlib.kernels.cpu`) makes
+    them all, and with `block` also the maximum of every `block` scores that `critlib.rank` would read again."""
+    if flat.dtype == torch.float32:
+        done = cpu.summarize_steps(flat, step, block)
+        if done is not None:
+            return done
+    rows, counts = [], None
+    for start in range(0, flat.numel(), step):
+        r, c = summarize(flat[start:start + step].float().contiguous())
+        rows.append(r)
+        counts = c if counts is None else counts.add_(c)
+    return torch.stack(rows), counts, None
 
 
 @dataclass
@@ -209,12 +235,8 @@ class Stats:
         if self._plan is not None:
             self._refine(groups, flat, step)
             return None
-        rows, counts = [], None
-        for start in range(0, flat.numel(), step):
-            r, c = summarize(flat[start:start + step].float().contiguous())
-            rows.append(r)
-            counts = c if counts is None else counts.add_(c)
-        return self.merge(groups, torch.stack(rows), counts)
+        rows, counts, _ = summarize_steps(flat, step)
+        return self.merge(groups, rows, counts)
 
     def merge(self, groups: list[str], rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Feed `groups` already summarised scores (`summarize` rows and their histogram); returns their sum."""

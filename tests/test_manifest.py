@@ -26,3 +26,4 @@ def test_versions_commit_and_host_name_what_ran():
     assert (commit is None) == (head.returncode != 0)
     assert commit is None or commit.removesuffix("-dirty") == head.stdout.strip()
     assert host()["cpu_threads"] == torch.get_num_threads()
+    assert host()["cpu_summary"].startswith(("compiled C (critlib/kernels/cpu.c, ", "torch ("))

@@ -1,0 +1,223 @@
+"""The compiled CPU summary (critlib/kernels/cpu.c) against torch's path, a float64 reference in numpy that
+adds in the order cpu.c states, and its fallbacks."""
+
+import ctypes
+import math
+import stat
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from critlib import rank, stats
+from critlib.bins import N_BINS
+from critlib.kernels import cpu
+
+
+@pytest.fixture
+def fresh_load(monkeypatch, tmp_path):
+    """`cpu._load` re-read under the environment a test sets, and restored afterwards."""
+    monkeypatch.setenv("CRITLIB_CACHE", str(tmp_path / "cache"))
+    cpu._load.cache_clear()
+    yield
+    cpu._load.cache_clear()
+
+
+def needs_native():
+    if cpu._load()[0] is None:
+        pytest.skip(f"no compiled summary here: {cpu.describe()}")
+
+
+def lane_sums(x: np.ndarray) -> tuple[float, float]:
+    """Σx and Σx² in cpu.c's order: eight float64 lanes summed in sequence, folded pairwise, then the tail."""
+    n8 = len(x) // 8 * 8
+    lanes = np.zeros((2, 8))
+    for row in x[:n8].reshape(-1, 8):  # one row at a time: numpy's pairwise summation would change the order
+        lanes[0] += row
+        lanes[1] += row * row
+    s, q = (((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])) for v in lanes)
+    for v in x[n8:]:
+        s += v
+        q += v * v
+    return float(s), float(q)
+
+
+def scores(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.exp(torch.randn(n, generator=g) * 6)  # many octaves, so many bins
+    x[:: 7] = 0.0
+    x[1:: 11] = 1e-42  # subnormal
+    return x
+
+
+@pytest.mark.parametrize("n,step", [(1, 4), (7, 4), (8, 8), (9, 8), (1000, 64), (5003, 1024), (70001, 1 << 18)])
+def test_equals_the_stated_order_in_float64(n, step):
+    needs_native()
+    x = scores(n)
+    rows, counts, maxima = cpu.summarize_steps(x, step, 8 if step % 8 == 0 else 0)
+    assert rows.shape == (-(-n // step), 5)
+    for c, row in enumerate(rows.tolist()):
+        part = x[c * step:(c + 1) * step]
+        s, q = lane_sums(part.double().numpy())
+        assert row[0] == part.numel()
+        assert row[1] == s  # bit-equal: the same additions in the same order
+        assert row[2] == max(q - s * s / part.numel(), 0.0)
+        assert row[3] == float(part.min()) and row[4] == float(part.max())
+        assert math.isclose(row[1], math.fsum(part.double().tolist()), rel_tol=1e-12)
+    ref = np.bincount(x.view(torch.int32).numpy() >> 16, minlength=N_BINS)
+    assert np.array_equal(counts.numpy(), ref)
+    if step % 8 == 0:  # the maxima of blocks of 8, the last one short
+        assert torch.equal(maxima, torch.stack([b.max() for b in x.split(8)]))
+    else:
+        assert maxima is None
+
+
+@pytest.mark.parametrize("n", [31, 32, 33, 4096, 100_003])
+def test_block_maxima_are_the_rankings(n):
+    """The maxima made on the way equal critlib.rank's own, and the top-k found from them is a full sort's."""
+    needs_native()
+    x = scores(n, seed=4)
+    step = 1024
+    _, _, maxima = cpu.summarize_steps(x, step, rank.BLOCK)
+    assert torch.equal(maxima, rank._block_maxima(x, step))
+    k = max(1, n // 200)
+    v, i = rank.topk_chunked(x, k, step, maxima)
+    order = sorted(range(n), key=lambda j: (-float(x[j]), j))[:k]
+    assert i.tolist() == order and torch.equal(v, x[order])
+
+
+def test_a_block_that_does_not_fit_the_step_makes_no_maxima():
+    needs_native()
+    x = scores(100)
+    assert cpu.summarize_steps(x, 48, 32)[2] is None and cpu.summarize_steps(x, 64, 12)[2] is None
+
+
+@pytest.mark.parametrize("n,step", [(9, 8), (70001, 1024), (300000, 1 << 18)])
+def test_equals_torchs_summary(n, step):
+    """Counts, minima and maxima equal; sums and M2 equal up to the order torch adds in."""
+    needs_native()
+    x = scores(n, seed=1)
+    rows, counts, _ = cpu.summarize_steps(x, step)
+    parts = [stats._summarize_torch(x[i:i + step]) for i in range(0, n, step)]
+    ref = torch.stack([r for r, _ in parts])
+    assert torch.equal(counts, sum(c for _, c in parts))
+    assert torch.equal(rows[:, [0, 3, 4]], ref[:, [0, 3, 4]])
+    torch.testing.assert_close(rows[:, 1:3], ref[:, 1:3], rtol=1e-12, atol=0)
+
+
+def test_threads_do_not_change_a_bit():
+    """Each step is summed by one thread and counts are integers: 1, 2, 3 or 64 threads give the same bits."""
+    needs_native()
+    x = scores(1_000_003, seed=2)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for t in (1, 2, 3, 64):
+            torch.set_num_threads(t)
+            results.append(cpu.summarize_steps(x, 4096, 32))
+    finally:
+        torch.set_num_threads(before)
+    for got in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got, results[0]))
+
+
+@pytest.mark.parametrize("bad", [-1.0, -0.0, math.inf, math.nan])
+def test_negative_or_non_finite_scores_go_to_torch(bad):
+    """cpu.c refuses them; torch's path then reports them as it always has."""
+    needs_native()
+    x = scores(1000)
+    x[517] = bad
+    assert cpu.summarize_steps(x, 64) is None
+    if math.copysign(1.0, bad) < 0:  # the sign bit makes a negative bin: torch.bincount refuses it
+        with pytest.raises(RuntimeError):
+            stats.summarize(x)
+    else:
+        assert not math.isfinite(float(stats.summarize(x)[0][1]))
+
+
+def test_statistics_agree_with_and_without_the_compiled_summary(monkeypatch, tmp_path):
+    """The same Stats, once through cpu.c and once through torch: identical counts and histogram-derived
+    values, moments within float64 rounding."""
+    needs_native()
+    chunks = [scores(50_000, seed=s) for s in range(3)]
+
+    def run():
+        st = stats.Stats(1 << 12)
+        for c in chunks:
+            st.add(["global", "layer:0"], c)
+        st.start_refine()
+        for c in chunks:
+            st.add(["global", "layer:0"], c)
+        return st.summary()
+
+    native = run()
+    monkeypatch.setenv("CRITLIB_NATIVE", "off")
+    cpu._load.cache_clear()
+    try:
+        assert cpu.describe() == "torch (CRITLIB_NATIVE=off)"
+        plain = run()
+    finally:
+        monkeypatch.delenv("CRITLIB_NATIVE")
+        cpu._load.cache_clear()
+    for g in native:
+        a, b = native[g], plain[g]
+        assert a["count"] == b["count"] and a["min"] == b["min"] and a["max"] == b["max"]
+        assert a["percentiles"] == b["percentiles"] and a["exact"] and b["exact"]
+        for key in ("mean", "std", "sum"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-12)
+        for q in a["top_share"]:
+            assert math.isclose(a["top_share"][q], b["top_share"][q], rel_tol=1e-12)
+
+
+def test_built_once_into_the_cache(fresh_load, tmp_path):
+    cc = cpu._compiler()
+    if cc is None:
+        pytest.skip("no C compiler here")
+    lib = cpu._build(*cc)
+    assert lib.parent == tmp_path / "cache" / "native" and lib.exists()
+    mtime = lib.stat().st_mtime_ns
+    assert cpu._build(*cc) == lib and lib.stat().st_mtime_ns == mtime
+    assert [p.name for p in lib.parent.iterdir()] == [lib.name]  # no build leftovers
+    assert cpu.describe().startswith("compiled C (critlib/kernels/cpu.c, ")
+
+
+def test_counters_folded_before_they_overflow(tmp_path):
+    """cpu.c folds each thread's 32-bit counters every FOLD_EVERY scores; built with a small FOLD_EVERY, the
+    counts stay exact across many folds."""
+    needs_native()
+    cc = cpu._compiler()
+    out = tmp_path / "fold.so"
+    subprocess.run([cc[0], *cpu.FLAGS, "-DFOLD_EVERY=100", "-o", str(out), str(cpu.SOURCE)], check=True)
+    fn = ctypes.CDLL(str(out)).critlib_summarize
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_int64]
+    x = scores(10_007, seed=3)
+    rows = torch.empty((-(-x.numel() // 64), 5), dtype=torch.float64)
+    counts = torch.zeros(N_BINS, dtype=torch.int64)
+    assert fn(x.data_ptr(), x.numel(), 64, 2, rows.data_ptr(), counts.data_ptr(), None, 0) == 0
+    ref_rows, ref_counts, _ = cpu.summarize_steps(x, 64)
+    assert torch.equal(counts, ref_counts) and torch.equal(rows, ref_rows)
+
+
+def test_off_or_without_a_compiler_torch_is_used_and_said(fresh_load, monkeypatch, tmp_path):
+    monkeypatch.setenv("CRITLIB_NATIVE", "off")
+    assert cpu.describe() == "torch (CRITLIB_NATIVE=off)" and cpu.summarize_steps(scores(10), 4) is None
+    monkeypatch.delenv("CRITLIB_NATIVE")
+    cpu._load.cache_clear()
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert cpu.describe().startswith("torch (no C compiler found")
+    rows, counts, maxima = stats.summarize_steps(scores(100), 16, 8)  # torch's path, still complete
+    assert rows.shape == (7, 5) and int(counts.sum()) == 100 and maxima is None
+
+
+def test_a_failing_build_falls_back_and_says_why(fresh_load, monkeypatch, tmp_path):
+    broken = tmp_path / "broken-cc"
+    broken.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'broken-cc 1.0'; exit 0; fi\n"
+                      "echo 'cpu.c:1: error: nothing works' >&2; exit 1\n")
+    broken.chmod(broken.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("CC", str(broken))
+    assert cpu.describe() == "torch (the compiled summary could not be built: broken-cc failed: " \
+                             "cpu.c:1: error: nothing works)"
+    assert cpu.summarize_steps(scores(10), 4) is None
+    assert not list((tmp_path / "cache" / "native").iterdir())  # no half-built library left behind
