@@ -3,6 +3,7 @@ adds in the order cpu.c states, and its fallbacks."""
 
 import ctypes
 import math
+import shutil
 import stat
 import subprocess
 
@@ -174,12 +175,27 @@ def test_built_once_into_the_cache(fresh_load, tmp_path):
     cc = cpu._compiler()
     if cc is None:
         pytest.skip("no C compiler here")
-    lib = cpu._build(*cc)
-    assert lib.parent == tmp_path / "cache" / "native" and lib.exists()
+    lib, temporary = cpu._build(*cc)
+    assert not temporary and lib.parent == tmp_path / "cache" / "native" and lib.exists()
     mtime = lib.stat().st_mtime_ns
-    assert cpu._build(*cc) == lib and lib.stat().st_mtime_ns == mtime
+    assert cpu._build(*cc) == (lib, False) and lib.stat().st_mtime_ns == mtime
     assert [p.name for p in lib.parent.iterdir()] == [lib.name]  # no build leftovers
     assert cpu.describe().startswith("compiled C (critlib/kernels/cpu.c, ")
+
+
+def test_a_cache_that_cannot_be_written_builds_in_a_temporary_folder(fresh_load, monkeypatch, tmp_path):
+    cc = cpu._compiler()
+    if cc is None:
+        pytest.skip("no C compiler here")
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    monkeypatch.setenv("CRITLIB_CACHE", str(afile / "cache"))  # a path under a file: no folder can be made
+    lib, temporary = cpu._build(*cc)
+    assert temporary and lib.exists() and not str(lib).startswith(str(tmp_path))
+    shutil.rmtree(lib.parent)
+    monkeypatch.setenv("CRITLIB_CACHE", "off")
+    assert cpu.describe().startswith("compiled C")  # built, loaded, and its temporary folder removed
+    assert cpu.summarize_steps(scores(10), 4) is not None
 
 
 def test_counters_folded_before_they_overflow(tmp_path):

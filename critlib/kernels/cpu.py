@@ -43,20 +43,28 @@ def _compiler() -> tuple[str, str] | None:
     return (cc, (out.stdout or out.stderr).splitlines()[0].strip()) if out.returncode == 0 else None
 
 
-def _build(cc: str, version: str) -> Path:
-    """The compiled library, built into the cache unless an identical build is there (an atomic rename, so
-    concurrent processes never load a half-written file)."""
+def _build(cc: str, version: str) -> tuple[Path, bool]:
+    """(the compiled library, whether it lies in a temporary folder): built into the cache unless an identical
+    build is there (an atomic rename, so concurrent processes never load a half-written file); into a
+    temporary folder where the cache is off or cannot be written."""
     from ..models import cache_root
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(),
                                      platform.machine().encode()])).hexdigest()[:16]
-    root = cache_root()
-    folder = root / "native" if root is not None else Path(tempfile.mkdtemp(prefix="critlib-native-"))
-    lib = folder / f"cpu-{key}.so"
-    if lib.exists():
-        return lib
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".build-", suffix=".so")
+    root, name = cache_root(), f"cpu-{key}.so"
+    if root is not None and (root / "native" / name).exists():
+        return root / "native" / name, False
+    temporary = False
+    try:
+        if root is None:
+            raise OSError("no cache")
+        folder = root / "native"
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".build-", suffix=".so")
+    except OSError:
+        folder, temporary = Path(tempfile.mkdtemp(prefix="critlib-native-")), True
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".build-", suffix=".so")
     os.close(fd)
+    lib = folder / name
     try:
         out = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
         if out.returncode != 0:
@@ -65,7 +73,7 @@ def _build(cc: str, version: str) -> Path:
         os.replace(tmp, lib)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    return lib
+    return lib, temporary
 
 
 @functools.lru_cache(maxsize=1)
@@ -77,9 +85,12 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     if found is None:
         return None, "torch (no C compiler found: set CC or install gcc for the compiled summary)"
     try:
-        lib = ctypes.CDLL(str(_build(*found)))
+        path, temporary = _build(*found)
+        lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"torch (the compiled summary could not be built: {e})"
+    if temporary:  # loaded: the file is no longer needed
+        shutil.rmtree(path.parent, ignore_errors=True)
     fn = lib.critlib_summarize
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
