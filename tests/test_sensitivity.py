@@ -131,3 +131,40 @@ def test_without_gather_the_same_ranking_and_statistics_in_one_pass(windows, mon
     assert len(passes) == 1 and one.gathered == {"grad_x_weight": {}, "wanda": {}} and both.gathered["wanda"]
     for m in config.metrics:
         assert one.global_top(m) == both.global_top(m) and one.stats[m] == both.stats[m]
+
+
+@pytest.mark.parametrize("chunk_size", [1 << 30, 96, 29])  # steps that hold whole ranking blocks, and one that does not
+def test_the_compiled_summary_and_torchs_path_agree(windows, monkeypatch, chunk_size):
+    """analyze with the compiled CPU summary (critlib.kernels.cpu) and with CRITLIB_NATIVE=off: the same
+    rankings and histogram-derived statistics; moments equal up to float64 rounding."""
+    from critlib.kernels import cpu
+    if cpu._load()[0] is None:
+        pytest.skip(f"no compiled summary here: {cpu.describe()}")
+    model = tiny("tiny-mistral")
+
+    def run():
+        return analyze(model, windows, metrics=["grad_x_weight", "magnitude"], topk_global=40, topk_per_layer=6,
+                       chunk_size=chunk_size, progress=False)
+    native = run()
+    monkeypatch.setenv("CRITLIB_NATIVE", "off")
+    cpu._load.cache_clear()
+    try:
+        plain = run()
+    finally:
+        monkeypatch.delenv("CRITLIB_NATIVE")
+        cpu._load.cache_clear()
+    for m in native.metrics:
+        assert native.global_top(m) == plain.global_top(m)
+        for name in native.topk[m].candidates:
+            assert all(torch.equal(a, b) for a, b in zip(native.topk[m].per_tensor(name, 6),
+                                                         plain.topk[m].per_tensor(name, 6)))
+        groups = {"global": native.stats[m]["global"]}
+        for scope in ("per_layer", "per_component"):
+            groups.update({(scope, k): v for k, v in native.stats[m][scope].items()})
+        assert len(groups) > 3
+        for g, a in groups.items():
+            b = plain.stats[m][g] if g == "global" else plain.stats[m][g[0]][g[1]]
+            assert (a["count"], a["min"], a["max"], a["percentiles"], a["exact"]) == \
+                   (b["count"], b["min"], b["max"], b["percentiles"], b["exact"]), g
+            for key in ("mean", "std", "sum"):
+                assert a[key] == pytest.approx(b[key], rel=1e-12, abs=0), (g, key)
