@@ -14,6 +14,7 @@ import torch
 from critlib import rank, stats
 from critlib.bins import N_BINS
 from critlib.kernels import cpu
+from tests.test_stats import two_pass_summary
 
 
 @pytest.fixture
@@ -137,20 +138,14 @@ def test_negative_or_non_finite_scores_go_to_torch(bad):
         assert not math.isfinite(float(stats.summarize(x)[0][1]))
 
 
-def test_statistics_agree_with_and_without_the_compiled_summary(monkeypatch, tmp_path):
+def test_statistics_agree_with_and_without_the_compiled_summary(monkeypatch):
     """The same Stats, once through cpu.c and once through torch: identical counts and histogram-derived
     values, moments within float64 rounding."""
     needs_native()
     chunks = [scores(50_000, seed=s) for s in range(3)]
 
     def run():
-        st = stats.Stats(1 << 12)
-        for c in chunks:
-            st.add(["global", "layer:0"], c)
-        st.start_refine()
-        for c in chunks:
-            st.add(["global", "layer:0"], c)
-        return st.summary()
+        return two_pass_summary(chunks, 1 << 12, ["global", "layer:0"])
 
     native = run()
     monkeypatch.setenv("CRITLIB_NATIVE", "off")

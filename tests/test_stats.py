@@ -64,21 +64,23 @@ def test_one_pass_is_within_stated_bound():
         assert abs(s["top_share"][f"{q * 100:g}%"] - ref) <= APPROX_REL_ERROR * ref
 
 
+def two_pass_summary(chunks: list[torch.Tensor], chunk_size: int, groups: list[str]) -> dict:
+    """Both passes of `Stats` over `chunks`, each chunk fed to `groups`."""
+    st = Stats(chunk_size=chunk_size)
+    for c in chunks:
+        st.add(groups, c)
+    st.start_refine()
+    for c in chunks:
+        st.add(groups, c)
+    return st.summary()
+
+
 def test_pass_two_in_small_batches_gives_the_same_answer(monkeypatch):
     """Pass 2 counts the scores it keeps in batches (stats.KEPT_FLUSH); tiny batches change nothing."""
     from critlib import stats as stats_mod
     gen = torch.Generator().manual_seed(5)
     chunks = [torch.exp(torch.randn(n, generator=gen) * 2) for n in (1000, 3333, 17)]
 
-    def run():
-        st = Stats(chunk_size=100)
-        for c in chunks:
-            st.add(["global", "other"], c)
-        st.start_refine()
-        for c in chunks:
-            st.add(["global", "other"], c)
-        return st.summary()
-
-    ref = run()
+    ref = two_pass_summary(chunks, 100, ["global", "other"])
     monkeypatch.setattr(stats_mod, "KEPT_FLUSH", 3)
-    assert run() == ref and ref["global"]["exact"]
+    assert two_pass_summary(chunks, 100, ["global", "other"]) == ref and ref["global"]["exact"]
