@@ -9,8 +9,8 @@ bin, a relative error of at most 2**-7 (top-share takes each bin's values at its
 
 Work stays on the scores' device: nothing is copied to the host until a summary is asked for, so a GPU run
 does not wait on the host once per tensor. On a CPU the scores are read in steps of `bins.CPU_STEP` elements:
-by the compiled summary (`critlib.kernels.cpu`, all steps of a tensor in one call, on torch's threads) where
-a C compiler is at hand, else by torch, whose temporaries then stay in cache.
+by the compiled summary (`critlib.kernels.cpu`, all steps of a tensor in one call, on torch's threads; pass 2's
+kept scores too) where a C compiler is at hand, else by torch, whose temporaries then stay in cache.
 """
 
 from __future__ import annotations
@@ -273,9 +273,10 @@ class Stats:
         if not groups:
             return
         keep = self._table(groups, flat.device)
-        for start in range(0, flat.numel(), step):
-            x = flat[start:start + step].float()
-            kept = x[keep[high_bits(x)]]
+        done = cpu.kept(flat, keep, step) if flat.dtype == torch.float32 else None
+        pieces = [done] if done is not None else (
+            x[keep[high_bits(x)]] for x in (flat[s:s + step].float() for s in range(0, flat.numel(), step)))
+        for kept in pieces:
             for g in groups:
                 self._kept.setdefault(g, []).append(kept)
             self._n_kept += kept.numel()

@@ -138,6 +138,23 @@ def test_negative_or_non_finite_scores_go_to_torch(bad):
         assert not math.isfinite(float(stats.summarize(x)[0][1]))
 
 
+@pytest.mark.parametrize("n,step", [(1, 4), (1000, 64), (70001, 1024)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_pass_two_keeps_what_torch_keeps_in_order(n, step, threads):
+    needs_native()
+    x = scores(n, seed=5)
+    g = torch.Generator().manual_seed(n)
+    keep = torch.rand(N_BINS, generator=g) < 0.3
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu.kept(x, keep, step)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, x[keep[(x.view(torch.int32) >> 16).long()]])
+    assert cpu.kept(x, torch.zeros(N_BINS, dtype=torch.bool), step).numel() == 0
+
+
 def test_statistics_agree_with_and_without_the_compiled_summary(monkeypatch):
     """The same Stats, once through cpu.c and once through torch: identical counts and histogram-derived
     values, moments within float64 rounding."""

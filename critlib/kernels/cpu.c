@@ -191,3 +191,74 @@ int critlib_summarize(const float *x, int64_t n, int64_t step, int threads, doub
     free(own);
     return status;
 }
+
+/* Pass 2 of the statistics keeps the scores whose top-16-bit bin is marked in keep[N_BINS] (1 = keep), in
+ * their order, so that what is summed from them is summed in the same order as by torch's path. Two reads:
+ * critlib_kept_counts counts each step's kept scores; critlib_kept_write copies them to out, step c starting
+ * at offsets[c]. */
+typedef struct {
+    const uint32_t *bits;
+    int64_t n, step, first, last;
+    const uint8_t *keep;
+    int64_t *offsets; /* counts (first call) or write offsets (second call), one per step */
+    float *out;       /* NULL: count only */
+} kept_t;
+
+static void *kept_work(void *arg) {
+    kept_t *job = arg;
+    for (int64_t c = job->first; c < job->last; c++) {
+        int64_t start = c * job->step, end = job->n - start < job->step ? job->n : start + job->step;
+        const uint32_t *b = job->bits;
+        if (job->out) {
+            float *o = job->out + job->offsets[c];
+            for (int64_t i = start; i < end; i++)
+                if (job->keep[(b[i] >> 16) & (N_BINS - 1)]) /* a branch: a few scores in a hundred are kept */
+                    memcpy(o++, &b[i], 4);
+        } else {
+            int64_t count = 0;
+            for (int64_t i = start; i < end; i++)
+                count += job->keep[(b[i] >> 16) & (N_BINS - 1)];
+            job->offsets[c] = count;
+        }
+    }
+    return NULL;
+}
+
+static int kept_run(const float *x, int64_t n, int64_t step, const uint8_t *keep, int threads, int64_t *offsets,
+                    float *out) {
+    int64_t steps = (n + step - 1) / step;
+    if (threads > MAX_THREADS)
+        threads = MAX_THREADS;
+    if (threads > steps)
+        threads = (int)steps;
+    if (threads < 1)
+        threads = 1;
+    kept_t jobs[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started = 1, status = 0;
+    for (int t = 0; t < threads; t++)
+        jobs[t] = (kept_t){(const uint32_t *)x, n, step, steps * t / threads, steps * (t + 1) / threads, keep,
+                           offsets, out};
+    for (int t = 1; t < threads; t++, started++)
+        if (pthread_create(&ids[t], NULL, kept_work, &jobs[t])) {
+            status = 2;
+            break;
+        }
+    if (!status)
+        kept_work(&jobs[0]);
+    for (int t = 1; t < started; t++)
+        pthread_join(ids[t], NULL);
+    return status;
+}
+
+/* counts[c] = how many scores of step c lie in kept bins. Returns 0, or 2 when a thread could not be had. */
+int critlib_kept_counts(const float *x, int64_t n, int64_t step, const uint8_t *keep, int threads,
+                        int64_t *counts) {
+    return kept_run(x, n, step, keep, threads, counts, NULL);
+}
+
+/* out[offsets[c] ...] = the kept scores of step c, in order. Returns 0, or 2 when a thread could not be had. */
+int critlib_kept_write(const float *x, int64_t n, int64_t step, const uint8_t *keep, int threads,
+                       const int64_t *offsets, float *out) {
+    return kept_run(x, n, step, keep, threads, (int64_t *)offsets, out);
+}

@@ -1,7 +1,9 @@
 """The statistics' per-step summary on a CPU, compiled from `cpu.c` on first use and called through ctypes.
 
 `torch.bincount` counts in one serial loop (about 2 ns per score on an Intel Xeon, two thirds of the whole
-summary): `cpu.c` makes the whole summary of a tensor in one read, its steps shared among torch's threads.
+summary): `cpu.c` makes the whole summary of a tensor in one read, its steps shared among torch's threads,
+with the ranking's block maxima on the way; and picks pass 2's kept scores (`kept`) without torch's index
+and mask temporaries.
 Its numbers do not depend on the thread count or the CPU (see `cpu.c`); they differ from torch's in the last
 bits of the float64 sums only (torch sums in another order), and the histogram counts are equal.
 
@@ -95,6 +97,10 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    for fn, outputs in ((lib.critlib_kept_counts, 1), (lib.critlib_kept_write, 2)):
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
+                       *[ctypes.c_void_p] * outputs]
     return lib, f"compiled C (critlib/kernels/cpu.c, {found[1]})"
 
 
@@ -120,3 +126,23 @@ def summarize_steps(x: torch.Tensor, step: int, block: int = 0) -> tuple[torch.T
     status = lib.critlib_summarize(x.data_ptr(), x.numel(), step, torch.get_num_threads(), rows.data_ptr(),
                                    counts.data_ptr(), None if maxima is None else maxima.data_ptr(), block)
     return (rows, counts, maxima) if status == 0 else None
+
+
+def kept(x: torch.Tensor, keep: torch.Tensor, step: int) -> torch.Tensor | None:
+    """The scores of the 1-D float32 CPU tensor `x` whose bin (top 16 bits) the bool table `keep` [N_BINS]
+    marks, in their order (pass 2 of `critlib.stats`), read in steps of `step` shared among torch's threads;
+    None where the compiled summary is not to be had."""
+    lib = _load()[0]
+    if lib is None or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 1 or not x.numel():
+        return None
+    x, keep = x.contiguous(), keep.to(device="cpu", dtype=torch.bool).contiguous()
+    counts = torch.empty(-(-x.numel() // step), dtype=torch.int64)
+    threads = torch.get_num_threads()
+    if lib.critlib_kept_counts(x.data_ptr(), x.numel(), step, keep.data_ptr(), threads, counts.data_ptr()):
+        return None
+    offsets = torch.cumsum(counts, 0) - counts
+    out = torch.empty(int(counts.sum()), dtype=torch.float32)
+    if lib.critlib_kept_write(x.data_ptr(), x.numel(), step, keep.data_ptr(), threads, offsets.data_ptr(),
+                              out.data_ptr()):
+        return None
+    return out
