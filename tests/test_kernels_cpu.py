@@ -93,6 +93,7 @@ def test_a_block_that_does_not_fit_the_step_makes_no_maxima():
     needs_native()
     x = scores(100)
     assert cpu.summarize_steps(x, 48, 32)[2] is None and cpu.summarize_steps(x, 64, 12)[2] is None
+    assert cpu.summarize_steps(x, cpu.MAX_STEP + 1) is None  # a step its 32-bit counters could not hold
 
 
 @pytest.mark.parametrize("n,step", [(9, 8), (70001, 1024), (300000, 1 << 18)])

@@ -31,6 +31,7 @@ from ..bins import N_BINS
 
 SOURCE = Path(__file__).with_name("cpu.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-pthread", "-ffp-contract=off")
+MAX_STEP = 1 << 30  # cpu.c folds its 32-bit counters between steps, so one step stays below 2**32 scores
 
 
 def _compiler() -> tuple[str, str] | None:
@@ -116,7 +117,8 @@ def summarize_steps(x: torch.Tensor, step: int, block: int = 0) -> tuple[torch.T
     every `block` scores, as `critlib.rank` ranks by), in one read. None where the compiled summary is not to
     be had, or where a score is negative or not finite (torch's path then reports those as it always has)."""
     lib = _load()[0]
-    if lib is None or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 1 or not x.numel():
+    if lib is None or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 1 or not x.numel() \
+            or step > MAX_STEP:
         return None
     x = x.contiguous()
     rows = torch.empty((-(-x.numel() // step), 5), dtype=torch.float64)
