@@ -148,6 +148,32 @@ static void *work(void *arg) {
     return NULL;
 }
 
+/* How many threads share `steps` steps: `threads`, at most MAX_THREADS and at most one per step. */
+static int thread_count(int threads, int64_t steps) {
+    if (threads > MAX_THREADS)
+        threads = MAX_THREADS;
+    if (threads > steps)
+        threads = (int)steps;
+    return threads < 1 ? 1 : threads;
+}
+
+/* fn(&jobs[t]) for t < threads (jobs of `size` bytes each), on as many threads, the calling one among them.
+ * Returns 0, or 2 when a thread could not be started (the calling thread then runs nothing). */
+static int run_jobs(void *(*fn)(void *), void *jobs, size_t size, int threads) {
+    pthread_t ids[MAX_THREADS];
+    int started = 1, status = 0;
+    for (int t = 1; t < threads; t++, started++)
+        if (pthread_create(&ids[t], NULL, fn, (char *)jobs + t * size)) {
+            status = 2;
+            break;
+        }
+    if (!status)
+        fn(jobs);
+    for (int t = 1; t < started; t++)
+        pthread_join(ids[t], NULL);
+    return status;
+}
+
 /* Summarise x[0:n] in steps of `step` elements: rows[5*c .. 5*c+4] = (count, sum, M2, min, max) of step c,
  * hist[N_BINS] += the counts of every score's top 16 bits, and, where `maxima` is not NULL, maxima[b] = the
  * largest of x[b*block .. (b+1)*block) (`block` a multiple of 8 that divides `step`; the ranking's block
@@ -158,30 +184,15 @@ int critlib_summarize(const float *x, int64_t n, int64_t step, int threads, doub
     if (maxima && (block <= 0 || block % 8 || step % block))
         return 3;
     int64_t steps = (n + step - 1) / step;
-    if (threads > MAX_THREADS)
-        threads = MAX_THREADS;
-    if (threads > steps)
-        threads = (int)steps;
-    if (threads < 1)
-        threads = 1;
+    threads = thread_count(threads, steps);
     job_t jobs[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
     int64_t *own = calloc((size_t)threads * N_BINS, sizeof(int64_t));
     if (!own)
         return 2;
-    int started = 1, status = 0;
     for (int t = 0; t < threads; t++)
         jobs[t] = (job_t){x, n, step, block, steps * t / threads, steps * (t + 1) / threads, rows, maxima,
                           own + (size_t)t * N_BINS, 0};
-    for (int t = 1; t < threads; t++, started++)
-        if (pthread_create(&ids[t], NULL, work, &jobs[t])) {
-            status = 2;
-            break;
-        }
-    if (!status)
-        work(&jobs[0]);
-    for (int t = 1; t < started; t++)
-        pthread_join(ids[t], NULL);
+    int status = run_jobs(work, jobs, sizeof(job_t), threads);
     for (int t = 0; t < threads && !status; t++)
         status = jobs[t].bad;
     if (!status)
@@ -227,28 +238,12 @@ static void *kept_work(void *arg) {
 static int kept_run(const float *x, int64_t n, int64_t step, const uint8_t *keep, int threads, int64_t *offsets,
                     float *out) {
     int64_t steps = (n + step - 1) / step;
-    if (threads > MAX_THREADS)
-        threads = MAX_THREADS;
-    if (threads > steps)
-        threads = (int)steps;
-    if (threads < 1)
-        threads = 1;
+    threads = thread_count(threads, steps);
     kept_t jobs[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int started = 1, status = 0;
     for (int t = 0; t < threads; t++)
         jobs[t] = (kept_t){(const uint32_t *)x, n, step, steps * t / threads, steps * (t + 1) / threads, keep,
                            offsets, out};
-    for (int t = 1; t < threads; t++, started++)
-        if (pthread_create(&ids[t], NULL, kept_work, &jobs[t])) {
-            status = 2;
-            break;
-        }
-    if (!status)
-        kept_work(&jobs[0]);
-    for (int t = 1; t < started; t++)
-        pthread_join(ids[t], NULL);
-    return status;
+    return run_jobs(kept_work, jobs, sizeof(kept_t), threads);
 }
 
 /* counts[c] = how many scores of step c lie in kept bins. Returns 0, or 2 when a thread could not be had. */
