@@ -64,8 +64,8 @@ def _candidates(flat: torch.Tensor, k: int, step: int, trim: bool | None = None,
                 maxima: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Ascending indices of a small superset of the top-k of `flat`: the elements ≥ τ, the k-th largest
     maximum of the blocks of BLOCK consecutive elements (k blocks reach τ, so the k-th largest value is ≥ τ),
-    looked for only in the blocks that reach τ. One read of `flat`, in steps of `step` elements (a multiple
-    of BLOCK). Returns (indices, their values), or None when ties make nearly every block a candidate.
+    looked for only in the blocks that reach τ. One read of `flat` for the block maxima (none where `maxima`
+    are given), in steps of `step` elements (a multiple of BLOCK). Returns (indices, their values), or None when ties make nearly every block a candidate.
     `trim` (default: on a CPU) keeps only values ≥ τ; otherwise whole blocks come back (lanes past the end
     valued -inf) rather than wait on a GPU for their count. `maxima`: the block maxima, where they were made
     on the way already (`critlib.stats.summarize_steps`)."""

@@ -7,6 +7,7 @@ Spearman. Nothing ever holds all scores of a model.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import numbers
@@ -267,6 +268,10 @@ class Collector:
     def _cell(self, metric: str, name: str, n: int, total: torch.Tensor) -> None:
         _add_cell(self.cells[metric], layer_of(name), self.unsplit(name), n, total)
 
+    def _merge(self, metric: str, name: str, rows: torch.Tensor, counts: torch.Tensor, n: int) -> None:
+        """Fold the `summarize` rows and histogram of a tensor its groups take whole into them and its cell."""
+        self._cell(metric, name, n, self.stats[metric].merge(self.unsplit(name), rows, counts))
+
     def pass1(self, model: torch.nn.Module, windows: torch.Tensor, reduce, progress: bool) -> None:
         """Rank and summarise every score; then settle the cells and histograms, and choose what pass 2 gathers."""
         c = self.config
@@ -290,11 +295,10 @@ class Collector:
     def emit1(self, metric: str, name: str, s: torch.Tensor) -> None:
         """Rank and summarise one tensor's scores. A tensor whose groups take it whole is summarised in one
         call that also makes the top-K's block maxima (one read of the scores instead of two on a CPU)."""
-        names, maxima = self.unsplit(name), None
-        if names is not None and s.numel():
+        maxima = None
+        if self.unsplit(name) is not None and s.numel():
             rows, counts, maxima = summarize_steps(s.detach().reshape(-1), self.step, BLOCK)
-            _add_cell(self.cells[metric], layer_of(name), names, s.numel(),
-                      self.stats[metric].merge(names, rows, counts))
+            self._merge(metric, name, rows, counts, s.numel())
         else:
             _feed(self.stats[metric], self.groups[name], s, self.cells[metric], layer_of(name))
         self.topk[metric].add(name, s, maxima)
@@ -311,18 +315,14 @@ class Collector:
 
     def rows1(self, metric: str, name: str, shape: tuple) -> _Fold | None:
         """`emit1` of a tensor given in row blocks (memory_saving's row blocks)."""
-        names = self.unsplit(name)
-        if names is None:
+        if self.unsplit(name) is None:
             return None
 
         def keep(t: TopK):
             return lambda v, i: t.add_candidates(name, *merge(v, i, t.k))
-
-        def merge_stats(rows, counts, n):
-            _add_cell(self.cells[metric], layer_of(name), names, n, self.stats[metric].merge(names, rows, counts))
         bottom = keep(self.bottom[metric]) if self.bottom else None
         return _Fold(shape, self.step, self.config.chunk_size, keep(self.topk[metric]), self.k, bottom,
-                     self.config.bottomk, merge_stats)
+                     self.config.bottomk, functools.partial(self._merge, metric, name))
 
     def pass2(self, model: torch.nn.Module, windows: torch.Tensor, reduce, progress: bool) -> None:
         """The same scores again, when exact percentiles or cross-metric gathering need them."""

@@ -47,7 +47,8 @@ def _midpoints() -> torch.Tensor:
 def summarize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """([count, sum, M2, min, max] as float64, high-16-bit counts) of a non-empty float32 chunk, on its
     device. Counts are exact to 2**53 and M2 = Σx² − (Σx)²/n is taken per chunk in float64. On CUDA with
-    Triton installed the fused kernel (critlib.kernels) does it in one read."""
+    Triton installed the fused kernel (critlib.kernels) does it in one read, on a CPU the compiled summary
+    (critlib.kernels.cpu), else torch."""
     if x.device.type == "cuda":
         from .kernels import is_triton_available
         from .kernels import summarize as fused_summarize
@@ -73,10 +74,9 @@ def summarize_steps(flat: torch.Tensor, step: int, block: int = 0) -> tuple[torc
     """`summarize` of each step of `step` elements of the 1-D scores `flat`: ([steps, 5] rows, their summed
     histogram, block maxima or None). On a CPU one call of the compiled summary (`critlib.kernels.cpu`) makes
     them all, and with `block` also the maximum of every `block` scores that `critlib.rank` would read again."""
-    if flat.dtype == torch.float32:
-        done = cpu.summarize_steps(flat, step, block)
-        if done is not None:
-            return done
+    done = cpu.summarize_steps(flat, step, block)
+    if done is not None:
+        return done
     rows, counts = [], None
     for start in range(0, flat.numel(), step):
         r, c = summarize(flat[start:start + step].float().contiguous())
@@ -273,7 +273,7 @@ class Stats:
         if not groups:
             return
         keep = self._table(groups, flat.device)
-        done = cpu.kept(flat, keep, step) if flat.dtype == torch.float32 else None
+        done = cpu.kept(flat, keep, step)
         pieces = [done] if done is not None else (
             x[keep[high_bits(x)]] for x in (flat[s:s + step].float() for s in range(0, flat.numel(), step)))
         for kept in pieces:
