@@ -9,7 +9,7 @@ from critlib import CritlibError
 from critlib.cli import main
 from critlib.data import read_texts
 from critlib.params import METRICS, load_params
-from critlib.scores import score_model
+from critlib.scores import _check_finite, score_model
 from critlib.sensitivity import analyze
 from tests.conftest import REPO, tiny
 
@@ -137,6 +137,17 @@ def test_nonfinite_weight_is_an_error(windows, metric, kernel, value):
                                            r".*check that the checkpoint is intact"):
         analyze(_broken(value), windows, metrics=[metric], topk_global=10, topk_per_layer=5, progress=False,
                 kernel=kernel)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_gradient_check_finds_one_nonfinite_value_and_passes_sums_that_overflow(dtype):
+    g = torch.full((3, 1 << 23), torch.finfo(dtype).max / 2, dtype=dtype)  # its slices' sums overflow to inf
+    _check_finite("w", g)
+    for value in (float("nan"), float("inf"), -float("inf")):
+        bad = g.clone()
+        bad[2, -1] = value
+        with pytest.raises(CritlibError, match="the gradient of w has NaN or inf values"):
+            _check_finite("w", bad)
 
 
 @pytest.mark.parametrize("metric", METRICS)
