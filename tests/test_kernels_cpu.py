@@ -211,22 +211,63 @@ def test_a_cache_that_cannot_be_written_builds_in_a_temporary_folder(fresh_load,
     assert cpu.summarize_steps(scores(10), 4) is not None
 
 
+def _built(tmp_path, *flags):
+    """critlib_summarize of cpu.c built here with `flags`, and a caller of it: (x, step, threads, block)."""
+    cc = cpu._compiler()
+    out = tmp_path / "built.so"
+    subprocess.run([cc[0], *flags, "-o", str(out), str(cpu.SOURCE)], check=True)
+    fn = ctypes.CDLL(str(out)).critlib_summarize
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_int64]
+
+    def call(x, step, threads, block):
+        rows = torch.empty((-(-x.numel() // step), 5), dtype=torch.float64)
+        counts = torch.zeros(N_BINS, dtype=torch.int64)
+        maxima = torch.empty(-(-x.numel() // block), dtype=torch.float32)
+        assert fn(x.data_ptr(), x.numel(), step, threads, rows.data_ptr(), counts.data_ptr(), maxima.data_ptr(),
+                  block) == 0
+        return rows, counts, maxima
+    return call
+
+
 def test_counters_folded_before_they_overflow(tmp_path):
     """cpu.c folds each thread's 32-bit counters every FOLD_EVERY scores; built with a small FOLD_EVERY, the
     counts stay exact across many folds."""
     needs_native()
-    cc = cpu._compiler()
-    out = tmp_path / "fold.so"
-    subprocess.run([cc[0], *cpu.FLAGS, "-DFOLD_EVERY=100", "-o", str(out), str(cpu.SOURCE)], check=True)
-    fn = ctypes.CDLL(str(out)).critlib_summarize
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_void_p, ctypes.c_int64]
+    call = _built(tmp_path, *cpu.FLAGS, "-DFOLD_EVERY=100")
     x = scores(10_007, seed=3)
-    rows = torch.empty((-(-x.numel() // 64), 5), dtype=torch.float64)
-    counts = torch.zeros(N_BINS, dtype=torch.int64)
-    assert fn(x.data_ptr(), x.numel(), 64, 2, rows.data_ptr(), counts.data_ptr(), None, 0) == 0
-    ref_rows, ref_counts, _ = cpu.summarize_steps(x, 64)
-    assert torch.equal(counts, ref_counts) and torch.equal(rows, ref_rows)
+    assert all(torch.equal(a, b) for a, b in zip(call(x, 64, 2, 8), cpu.summarize_steps(x, 64, 8)))
+
+
+def test_threads_of_its_own_give_the_openmp_builds_bits(tmp_path):
+    """Without OpenMP (a compiler that has none), cpu.c starts threads of its own: the same bits."""
+    needs_native()
+    call = _built(tmp_path, *cpu.FLAGS)
+    x = scores(100_003, seed=4)
+    for threads in (1, 3):
+        assert all(torch.equal(a, b) for a, b in zip(call(x, 1024, threads, 32), cpu.summarize_steps(x, 1024, 32)))
+
+
+def test_openmp_threads_where_the_compiler_has_openmp(fresh_load, tmp_path):
+    needs_native()
+    try:
+        _built(tmp_path, *cpu.FLAGS, cpu.OPENMP)
+    except subprocess.CalledProcessError:
+        pytest.skip("this compiler has no OpenMP")
+    assert cpu.describe().endswith(", OpenMP threads)")
+
+
+def test_a_compiler_without_openmp_builds_threads_of_its_own(fresh_load, monkeypatch, tmp_path):
+    cc = cpu._compiler()
+    if cc is None:
+        pytest.skip("no C compiler here")
+    plain = tmp_path / "plain-cc"
+    plain.write_text(f"#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = {cpu.OPENMP} ] && "
+                     f"{{ echo 'unsupported option {cpu.OPENMP}' >&2; exit 1; }}; done\nexec {cc[0]} \"$@\"\n")
+    plain.chmod(plain.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("CC", str(plain))
+    assert cpu.describe().endswith(", threads of its own)")
+    assert cpu.summarize_steps(scores(10), 4) is not None
 
 
 def test_off_or_without_a_compiler_torch_is_used_and_said(fresh_load, monkeypatch, tmp_path):

@@ -157,8 +157,18 @@ static int thread_count(int threads, int64_t steps) {
     return threads < 1 ? 1 : threads;
 }
 
-/* fn(&jobs[t]) for t < threads (jobs of `size` bytes each), on as many threads, the calling one among them.
- * Returns 0, or 2 when a thread could not be started (the calling thread then runs nothing). */
+/* fn(&jobs[t]) for t < threads (jobs of `size` bytes each), the calling thread among them. Returns 0, or 2
+ * when a thread could not be started (the calling thread then runs nothing). Built with OpenMP, the jobs run
+ * on the OpenMP threads torch's own kernels use (one libgomp in the process): a thread of their own would
+ * share the cores with those threads while they spin after torch's last kernel. */
+#ifdef _OPENMP
+static int run_jobs(void *(*fn)(void *), void *jobs, size_t size, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int t = 0; t < threads; t++)
+        fn((char *)jobs + t * size);
+    return 0;
+}
+#else
 static int run_jobs(void *(*fn)(void *), void *jobs, size_t size, int threads) {
     pthread_t ids[MAX_THREADS];
     int started = 1, status = 0;
@@ -173,6 +183,7 @@ static int run_jobs(void *(*fn)(void *), void *jobs, size_t size, int threads) {
         pthread_join(ids[t], NULL);
     return status;
 }
+#endif
 
 /* Summarise x[0:n] in steps of `step` elements: rows[5*c .. 5*c+4] = (count, sum, M2, min, max) of step c,
  * hist[N_BINS] += the counts of every score's top 16 bits, and, where `maxima` is not NULL, maxima[b] = the
