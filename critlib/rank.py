@@ -70,8 +70,7 @@ def _candidates(flat: torch.Tensor, k: int, step: int, trim: bool | None = None,
     valued -inf) rather than wait on a GPU for their count. `maxima`: the block maxima, where they were made
     on the way already (`critlib.stats.summarize_steps`)."""
     bm = _block_maxima(flat, step) if maxima is None else maxima
-    tau = torch.topk(bm, k, sorted=False).values.min()
-    blocks = (bm >= tau).nonzero().flatten()
+    blocks, tau = _top_blocks(bm, k)
     if blocks.numel() > bm.numel() // 4:
         return None
     idx = (blocks[:, None] * BLOCK + torch.arange(BLOCK, device=flat.device)).reshape(-1)
@@ -82,6 +81,25 @@ def _candidates(flat: torch.Tensor, k: int, step: int, trim: bool | None = None,
         idx = idx[:-short]
     idx = idx[flat[idx] >= tau]
     return idx, flat[idx]
+
+
+def _top_blocks(bm: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ascending indices of the blocks whose maximum is ≥ τ, τ): τ is the k-th largest of the block maxima
+    `bm`. Where there are many, it is looked for only in the groups of BLOCK blocks whose largest maximum is
+    ≥ τ₁, the k-th largest group maximum: k groups reach τ₁, each with a block, so τ ≥ τ₁ and every block that
+    reaches τ lies in those groups (torch.topk over the maxima was a fifth of the ranking's CPU time)."""
+    full = bm.numel() // BLOCK * BLOCK
+    if full // BLOCK < 4 * k:
+        tau = torch.topk(bm, k, sorted=False).values.min()
+        return (bm >= tau).nonzero().flatten(), tau
+    groups = bm[:full].view(-1, BLOCK).amax(1)
+    tau1 = torch.topk(groups, k, sorted=False).values.min()
+    first = (groups >= tau1).nonzero() * BLOCK
+    idx = torch.cat([(first + torch.arange(BLOCK, device=bm.device)).reshape(-1),
+                     torch.arange(full, bm.numel(), device=bm.device)])  # the last, partial group: always
+    sub = bm[idx]
+    tau = torch.topk(sub, k, sorted=False).values.min()
+    return idx[sub >= tau], tau
 
 
 def _block_maxima(flat: torch.Tensor, step: int) -> torch.Tensor:

@@ -56,6 +56,25 @@ def test_block_maxima_path_equals_full_sort(kind, chunk):
         assert torch.equal(v, x[ref])
 
 
+@pytest.mark.parametrize("kind", ["increasing", "decreasing", "random", "ties", "spikes", "zeros"])
+def test_grouped_block_maxima_path_equals_full_sort(kind):
+    """With ≥ 4k groups of BLOCK blocks, τ is looked for only in the groups that reach the k-th largest group
+    maximum: the largest values at either end (the last, partial group), few distinct values, all the
+    largest values in one group, and all-equal values (the fallback)."""
+    n = 1_500_007
+    gen = torch.Generator().manual_seed(n)
+    x = {"increasing": torch.arange(float(n)), "decreasing": torch.arange(float(n)).flip(0),
+         "random": torch.randn(n, generator=gen), "ties": torch.randint(0, 400, (n,), generator=gen).float(),
+         "spikes": torch.rand(n, generator=gen), "zeros": torch.zeros(n)}[kind]
+    if kind == "spikes":
+        x[70_000:70_300] = 2 + torch.rand(300, generator=gen)
+    for k in (1, 37, 300):
+        v, i = topk_chunked(x, k)
+        ref = full_sort(x.numpy())[:k]
+        assert i.tolist() == ref.tolist(), (kind, k)
+        assert torch.equal(v, x[ref])
+
+
 @pytest.mark.parametrize("kind", ["increasing", "random", "ties"])
 def test_untrimmed_candidates_as_on_a_gpu_give_the_same_topk(kind):
     from critlib.rank import _candidates
