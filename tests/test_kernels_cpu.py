@@ -3,9 +3,11 @@ adds in the order cpu.c states, and its fallbacks."""
 
 import ctypes
 import math
+import platform
 import shutil
 import stat
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,13 +241,21 @@ def test_counters_folded_before_they_overflow(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(call(x, 64, 2, 8), cpu.summarize_steps(x, 64, 8)))
 
 
-def test_threads_of_its_own_give_the_openmp_builds_bits(tmp_path):
-    """Without OpenMP (a compiler that has none), cpu.c starts threads of its own: the same bits."""
+@pytest.mark.parametrize("flags", [(), ("-DCRITLIB_PORTABLE",), (cpu.OPENMP, "-DCRITLIB_PORTABLE")],
+                         ids=["own-threads", "own-threads-portable", "openmp-portable"])
+def test_every_build_gives_the_same_bits(tmp_path, flags):
+    """Without OpenMP (a compiler that has none) cpu.c starts threads of its own; without AVX2 (another CPU, or
+    built CRITLIB_PORTABLE) it sums the same lanes in plain C: the same bits."""
     needs_native()
-    call = _built(tmp_path, *cpu.FLAGS)
-    x = scores(100_003, seed=4)
-    for threads in (1, 3):
-        assert all(torch.equal(a, b) for a, b in zip(call(x, 1024, threads, 32), cpu.summarize_steps(x, 1024, 32)))
+    try:
+        call = _built(tmp_path, *cpu.FLAGS, *flags)
+    except subprocess.CalledProcessError:
+        pytest.skip(f"this compiler cannot build {flags}")
+    for n, step, block in ((100_003, 1024, 32), (5003, 64, 8), (7, 8, 8)):
+        x = scores(n, seed=4)
+        for threads in (1, 3):
+            assert all(torch.equal(a, b) for a, b in zip(call(x, step, threads, block),
+                                                         cpu.summarize_steps(x, step, block)))
 
 
 def test_openmp_threads_where_the_compiler_has_openmp(fresh_load, tmp_path):
@@ -254,7 +264,15 @@ def test_openmp_threads_where_the_compiler_has_openmp(fresh_load, tmp_path):
         _built(tmp_path, *cpu.FLAGS, cpu.OPENMP)
     except subprocess.CalledProcessError:
         pytest.skip("this compiler has no OpenMP")
-    assert cpu.describe().endswith(", OpenMP threads)")
+    assert ", OpenMP threads, " in cpu.describe()
+
+
+def test_avx2_lanes_where_the_cpu_has_avx2():
+    needs_native()
+    info = Path("/proc/cpuinfo")
+    if platform.machine() != "x86_64" or not info.exists():
+        pytest.skip("not an x86-64 Linux machine")
+    assert cpu.describe().endswith(", AVX2)") == (" avx2" in info.read_text())
 
 
 def test_a_compiler_without_openmp_builds_threads_of_its_own(fresh_load, monkeypatch, tmp_path):
@@ -266,7 +284,7 @@ def test_a_compiler_without_openmp_builds_threads_of_its_own(fresh_load, monkeyp
                      f"{{ echo 'unsupported option {cpu.OPENMP}' >&2; exit 1; }}; done\nexec {cc[0]} \"$@\"\n")
     plain.chmod(plain.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setenv("CC", str(plain))
-    assert cpu.describe().endswith(", threads of its own)")
+    assert ", threads of its own, " in cpu.describe()
     assert cpu.summarize_steps(scores(10), 4) is not None
 
 

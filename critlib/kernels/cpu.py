@@ -114,7 +114,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
                        *[ctypes.c_void_p] * outputs]
     threads = "OpenMP threads" if OPENMP in flags else "threads of its own"
-    return lib, f"compiled C (critlib/kernels/cpu.c, {found[1]}, {threads})"
+    lanes = "AVX2" if lib.critlib_avx2() else "plain C"
+    return lib, f"compiled C (critlib/kernels/cpu.c, {found[1]}, {threads}, {lanes})"
 
 
 def describe() -> str:
