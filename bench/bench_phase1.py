@@ -582,9 +582,11 @@ def _write(args, records: list) -> dict:
     import torch
 
     from critlib.manifest import host, versions
+    lscpu = _lscpu()
     result = {"command": " ".join([Path(sys.executable).name, "bench/bench_phase1.py"] + sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "versions": versions(), "host": host(),
-              "cpu_count": os.cpu_count(), "cpu_model": _cpu_model(), "load_average": os.getloadavg(),
+              "cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "lscpu": lscpu,
+              "cpu_model": next((ln.split(":", 1)[1].strip() for ln in lscpu if ln.startswith("Model name")), None),
               "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
               "records": records}
     if args.out:
@@ -593,13 +595,12 @@ def _write(args, records: list) -> dict:
     return result
 
 
-def _cpu_model() -> str | None:
-    """`lscpu`'s model name (the machine is part of every figure: timings differ by CPU vendor)."""
+def _lscpu() -> list[str]:
+    """`lscpu`'s lines (the machine is part of every figure: timings differ by CPU vendor and model)."""
     try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        return subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines()
     except (OSError, subprocess.SubprocessError):
-        return None
-    return next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), None)
+        return []
 
 
 def summary(result: dict) -> str:
