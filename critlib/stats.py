@@ -97,6 +97,7 @@ class Group:
     hist_count: torch.Tensor = field(default_factory=lambda: torch.zeros(N_BINS, dtype=torch.int64))
     pending: list[torch.Tensor] = field(default_factory=list)  # [count, sum, M2, min, max] rows, on device
     fine: dict[int, torch.Tensor] = field(default_factory=dict)  # pass 2: hi bin -> low-16-bit counts
+    fine_rows: torch.Tensor | None = None  # pass 2: the rows of `fine`, in one [bins, 2**16] block
     high_sum: torch.Tensor | None = None  # pass 2: float64 sum per bin, for bins ≥ the lowest top-share bin
 
     device: torch.device = torch.device("cpu")  # where the scores were
@@ -253,7 +254,7 @@ class Stats:
         for k, g in self.groups.items():
             bins = self._plan[k][0]
             block = torch.zeros((len(bins), 1 << 16), dtype=torch.int64, device=g.device)
-            g.fine = {b: block[j] for j, b in enumerate(bins)}
+            g.fine_rows, g.fine = block, {b: block[j] for j, b in enumerate(bins)}
             g.high_sum = torch.zeros(N_BINS, dtype=torch.float64, device=g.device)
 
     def _table(self, groups: list[str], device: torch.device):
@@ -292,17 +293,25 @@ class Stats:
                 self._count_kept(g, x)
         self._kept, self._n_kept = {}, 0
 
+    def _slot(self, g: str, device: torch.device) -> torch.Tensor:
+        """Bin -> its row among group g's wanted bins; every other bin -> a discarded row."""
+        slot = self._slots.get((g, device))
+        if slot is None:
+            bins = self._plan[g][0]
+            slot = torch.full((N_BINS,), len(bins), dtype=torch.int64)
+            slot[bins] = torch.arange(len(bins))
+            slot = self._slots[(g, device)] = slot.to(device)
+        return slot
+
     def _count_kept(self, g: str, x: torch.Tensor) -> None:
         grp = self.groups[g]
         bins, floor = self._plan[g]
+        if cpu.count_kept(x, self._slot(g, x.device), floor, grp.fine_rows, grp.high_sum):
+            return
         bits = x.view(torch.int32)
         hi, lo = (bits >> 16).long(), (bits & 0xFFFF).long()
         if bins:
-            slot = self._slots.get((g, x.device))
-            if slot is None:  # bin -> its row among the wanted bins; every other bin -> a discarded row
-                slot = torch.full((N_BINS,), len(bins), dtype=torch.int64)
-                slot[bins] = torch.arange(len(bins))
-                slot = self._slots[(g, x.device)] = slot.to(x.device)
+            slot = self._slot(g, x.device)
             rows = slot[hi]
             mine = rows < len(bins)  # count only this group's bins: a catch-all bin would be contended on a GPU
             fine = torch.bincount((rows[mine] << 16) | lo[mine], minlength=len(bins) << 16)

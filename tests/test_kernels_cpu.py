@@ -158,6 +158,29 @@ def test_pass_two_keeps_what_torch_keeps_in_order(n, step, threads):
     assert cpu.kept(x, torch.zeros(N_BINS, dtype=torch.bool), step).numel() == 0
 
 
+@pytest.mark.parametrize("floor", [0, 15000, N_BINS])
+def test_pass_two_counts_are_torchs_bit_for_bit(floor):
+    """cpu.count_kept adds each bin's scores in index order from 0.0, then into the running sums, as
+    `high += torch.bincount(..., weights=)` does: the same bits, and the same integer counts."""
+    needs_native()
+    x = scores(200_001, seed=6)
+    bins = sorted({int(b) for b in (x.view(torch.int32) >> 16)[::5000]})
+    slot = torch.full((N_BINS,), len(bins), dtype=torch.int64)
+    slot[bins] = torch.arange(len(bins))
+    start = torch.rand(N_BINS, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    fine, high = torch.zeros((len(bins), 1 << 16), dtype=torch.int64), start.clone()
+    assert cpu.count_kept(x, slot, floor, fine, high)
+    hi, lo = (x.view(torch.int32) >> 16).long(), (x.view(torch.int32) & 0xFFFF).long()
+    rows = slot[hi]
+    mine = rows < len(bins)
+    ref = torch.bincount((rows[mine] << 16) | lo[mine], minlength=len(bins) << 16).view(len(bins), -1)
+    up = hi >= floor
+    assert torch.equal(fine, ref) and int(fine.sum()) == int(mine.sum())
+    assert torch.equal(high, start + torch.bincount(hi[up], weights=x[up].double(), minlength=N_BINS))
+    x[7] = -1.0
+    assert not cpu.count_kept(x, slot, floor, fine, high)
+
+
 def test_statistics_agree_with_and_without_the_compiled_summary(monkeypatch):
     """The same Stats, once through cpu.c and once through torch: identical counts and histogram-derived
     values, moments within float64 rounding."""

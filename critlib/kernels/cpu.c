@@ -334,3 +334,31 @@ int critlib_kept_write(const float *x, int64_t n, int64_t step, const uint8_t *k
                        const int64_t *offsets, float *out) {
     return kept_run(x, n, step, keep, threads, (int64_t *)offsets, out);
 }
+
+/* Pass 2's counts of one group's kept scores x[0:n], in order, on one thread: where row = slot[b] < rows,
+ * fine[row << 16 | lo] += 1; where b >= floor, high[b] += the sum of those scores in bin b (b: a score's top 16
+ * bits, lo: its low 16). Each bin's scores are added in index order starting from 0.0, then to high[b], as
+ * `high += torch.bincount(..., weights=)` adds them, so the sums are the same bits. Returns 0; 1 when a score is
+ * negative (its bin would lie outside slot); 2 when memory could not be had. */
+int critlib_count_kept(const float *x, int64_t n, const int64_t *slot, int64_t rows, int64_t floor, int64_t *fine,
+                       double *high) {
+    const uint32_t *bits = (const uint32_t *)x;
+    for (int64_t i = 0; i < n; i++)
+        if (bits[i] >> 31)
+            return 1;
+    double *sums = calloc(N_BINS, sizeof(double));
+    if (!sums)
+        return 2;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t b = bits[i] >> 16;
+        int64_t row = slot[b];
+        if (row < rows)
+            fine[(row << 16) | (bits[i] & 0xFFFF)]++;
+        if ((int64_t)b >= floor)
+            sums[b] += x[i];
+    }
+    for (int64_t b = floor < 0 ? 0 : floor; b < N_BINS; b++)
+        high[b] += sums[b];
+    free(sums);
+    return 0;
+}

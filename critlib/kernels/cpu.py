@@ -109,6 +109,9 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    lib.critlib_count_kept.restype = ctypes.c_int
+    lib.critlib_count_kept.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                       ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     for fn, outputs in ((lib.critlib_kept_counts, 1), (lib.critlib_kept_write, 2)):
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
@@ -161,3 +164,17 @@ def kept(x: torch.Tensor, keep: torch.Tensor, step: int) -> torch.Tensor | None:
                               out.data_ptr()):
         return None
     return out
+
+
+def count_kept(x: torch.Tensor, slot: torch.Tensor, floor: int, fine: torch.Tensor, high: torch.Tensor) -> bool:
+    """Pass 2's counts of one group's kept scores `x` (1-D float32): `fine` [rows, 2**16] (int64) counts the low
+    16 bits of the scores whose bin b has a row slot[b] < rows, and `high` [N_BINS] (float64) adds up those in
+    the bins from `floor` on, with the bits of torch's bincount. False (nothing counted) where the compiled
+    summary is not to be had, and for negative scores."""
+    lib = _load()[0]
+    if lib is None or any(t.device.type != "cpu" or not t.is_contiguous() for t in (x, slot, fine, high)) \
+            or x.dtype != torch.float32 or slot.dtype != torch.int64 or fine.dtype != torch.int64 \
+            or high.dtype != torch.float64 or slot.numel() != N_BINS or high.numel() != N_BINS:
+        return False
+    return lib.critlib_count_kept(x.data_ptr(), x.numel(), slot.data_ptr(), fine.shape[0], floor, fine.data_ptr(),
+                                  high.data_ptr()) == 0
