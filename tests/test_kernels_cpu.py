@@ -77,6 +77,16 @@ def test_equals_the_stated_order_in_float64(n, step):
         assert maxima is None
 
 
+@pytest.mark.parametrize("n", [7, 31, 45, 1013, 70_001])
+def test_the_block_maxima_do_not_change_a_bit_of_the_rest(n):
+    """With or without the maxima (blocks of 32, the last one short), the same lanes in the same order."""
+    needs_native()
+    x = scores(n, seed=7)
+    with_maxima, without = cpu.summarize_steps(x, 1024, rank.BLOCK), cpu.summarize_steps(x, 1024)
+    assert with_maxima[2] is not None and without[2] is None
+    assert torch.equal(with_maxima[0], without[0]) and torch.equal(with_maxima[1], without[1])
+
+
 @pytest.mark.parametrize("n", [31, 32, 33, 4096, 100_003])
 def test_block_maxima_are_the_rankings(n):
     """The maxima made on the way equal critlib.rank's own, and the top-k found from them is a full sort's."""

@@ -134,14 +134,16 @@ static void one_step(const float *x, int64_t n, int64_t block, double *row, floa
     memset(&a, 0, sizeof a);
     for (int j = 0; j < 8; j++)
         a.lo[j] = INT32_MAX;
-    int64_t blk = maxima ? block : 8, whole = n / blk * blk;
+    /* the whole blocks (with their maxima), then the rest in eights: the same lanes with or without maxima */
+    int64_t full = maxima ? n / block * block : 0, whole = n / 8 * 8;
+    void (*run)(const float *, int64_t, int64_t, float *, acc_t *, uint32_t *) = lanes;
 #ifdef HAVE_AVX2
     if (avx2)
-        lanes_avx2(x, whole, blk, maxima, &a, counts);
-    else
+        run = lanes_avx2;
 #endif
-        lanes(x, whole, blk, maxima, &a, counts);
     (void)avx2;
+    run(x, full, block, maxima, &a, counts);
+    run(x + full, whole - full, 8, NULL, &a, counts);
     double sum = ((a.s[0] + a.s[1]) + (a.s[2] + a.s[3])) + ((a.s[4] + a.s[5]) + (a.s[6] + a.s[7]));
     double sq = ((a.q[0] + a.q[1]) + (a.q[2] + a.q[3])) + ((a.q[4] + a.q[5]) + (a.q[6] + a.q[7]));
     int32_t lo = a.lo[0], hi = a.hi[0], last = 0;
@@ -149,22 +151,24 @@ static void one_step(const float *x, int64_t n, int64_t block, double *row, floa
         lo = a.lo[j] < lo ? a.lo[j] : lo;
         hi = a.hi[j] > hi ? a.hi[j] : hi;
     }
-    for (int64_t i = whole; i < n; i++) { /* the tail: fewer than 8 scores, or the last, partial block */
+    for (int64_t i = whole; i < n; i++) { /* the last, fewer than 8 scores */
         double v = x[i];
         int32_t u = (int32_t)bits[i];
         sum += v;
         sq += v * v;
         lo = u < lo ? u : lo;
         hi = u > hi ? u : hi;
-        last = u > last ? u : last;
         counts[((uint32_t)u >> 16) & (N_BINS - 1)]++;
     }
     if (lo < 0 || hi >= FINITE_LIMIT) { /* the caller falls back to torch, which reports such scores as before */
         *bad = 1;
         return;
     }
-    if (maxima && whole < n)
-        memcpy(maxima + whole / block, &last, 4);
+    if (maxima && full < n) { /* the last, partial block */
+        for (int64_t i = full; i < n; i++)
+            last = (int32_t)bits[i] > last ? (int32_t)bits[i] : last;
+        memcpy(maxima + full / block, &last, 4);
+    }
     double m2 = sq - sum * sum / (double)n;
     row[0] = (double)n;
     row[1] = sum;
