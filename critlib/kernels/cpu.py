@@ -2,10 +2,11 @@
 
 `torch.bincount` counts in one serial loop (about 2 ns per score on an Intel Xeon, two thirds of the whole
 summary): `cpu.c` makes the whole summary of a tensor in one read, its steps shared among torch's threads,
-with the ranking's block maxima on the way; and picks pass 2's kept scores (`kept`) without torch's index
-and mask temporaries. Its numbers do not depend on the thread count or the CPU (see `cpu.c`); they differ
-from torch's in the last bits of the float64 sums only (torch sums in another order), and the histogram
-counts are equal.
+with the ranking's block maxima on the way, with AVX2 where the CPU has it (chosen at run time); picks pass
+2's kept scores (`kept`) without torch's index and mask temporaries; and counts them (`count_kept`, the
+bits of torch's bincount). Its numbers do not depend on the thread count, the CPU or AVX2 (see `cpu.c`);
+the summary's differ from torch's in the last bits of the float64 sums only (torch sums in another order),
+and the histogram counts are equal.
 
 The library is built with the system's C compiler (`$CC`, else `cc`) into the critlib cache folder
 (`critlib.models.cache_root()`, under `native/`), keyed by the source, flags and compiler, so it is built
