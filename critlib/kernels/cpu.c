@@ -285,58 +285,73 @@ int critlib_summarize(const float *x, int64_t n, int64_t step, int threads, doub
 }
 
 /* Pass 2 of the statistics keeps the scores whose top-16-bit bin is marked in keep[N_BINS] (1 = keep), in
- * their order, so that what is summed from them is summed in the same order as by torch's path. Two reads:
- * critlib_kept_counts counts each step's kept scores; critlib_kept_write copies them to out, step c starting
- * at offsets[c]. */
+ * their order, so that what is summed from them is summed in the same order as by torch's path. One read:
+ * each thread copies the kept scores of its steps (a contiguous range) into a buffer of its own; the buffers
+ * are then joined in order. */
 typedef struct {
     const uint32_t *bits;
-    int64_t n, step, first, last;
+    int64_t start, end; /* this thread's scores */
     const uint8_t *keep;
-    int64_t *offsets; /* counts (first call) or write offsets (second call), one per step */
-    float *out;       /* NULL: count only */
+    float *buf;
+    int64_t count, capacity;
+    int bad;
 } kept_t;
 
 static void *kept_work(void *arg) {
     kept_t *job = arg;
-    for (int64_t c = job->first; c < job->last; c++) {
-        int64_t start = c * job->step, end = job->n - start < job->step ? job->n : start + job->step;
-        const uint32_t *b = job->bits;
-        if (job->out) {
-            float *o = job->out + job->offsets[c];
-            for (int64_t i = start; i < end; i++)
-                if (job->keep[(b[i] >> 16) & (N_BINS - 1)]) /* a branch: a few scores in a hundred are kept */
-                    memcpy(o++, &b[i], 4);
-        } else {
-            int64_t count = 0;
-            for (int64_t i = start; i < end; i++)
-                count += job->keep[(b[i] >> 16) & (N_BINS - 1)];
-            job->offsets[c] = count;
+    const uint32_t *b = job->bits;
+    for (int64_t i = job->start; i < job->end; i++)
+        if (job->keep[(b[i] >> 16) & (N_BINS - 1)]) { /* a branch: a few scores in a hundred are kept */
+            if (job->count == job->capacity) {
+                int64_t capacity = job->capacity ? 2 * job->capacity : 4096;
+                float *grown = realloc(job->buf, (size_t)capacity * sizeof(float));
+                if (!grown) {
+                    job->bad = 2;
+                    return NULL;
+                }
+                job->buf = grown;
+                job->capacity = capacity;
+            }
+            memcpy(job->buf + job->count++, &b[i], 4);
         }
-    }
     return NULL;
 }
 
-static int kept_run(const float *x, int64_t n, int64_t step, const uint8_t *keep, int threads, int64_t *offsets,
-                    float *out) {
+/* *out = a buffer (to be given to critlib_free) of the *count kept scores of x[0:n], in order; the work is
+ * shared among `threads` threads in whole steps of `step` scores. Returns 0, or 2 when memory or a thread
+ * could not be had (*out is then NULL). */
+int critlib_kept(const float *x, int64_t n, int64_t step, const uint8_t *keep, int threads, float **out,
+                 int64_t *count) {
     int64_t steps = (n + step - 1) / step;
     threads = thread_count(threads, steps);
     kept_t jobs[MAX_THREADS];
-    for (int t = 0; t < threads; t++)
-        jobs[t] = (kept_t){(const uint32_t *)x, n, step, steps * t / threads, steps * (t + 1) / threads, keep,
-                           offsets, out};
-    return run_jobs(kept_work, jobs, sizeof(kept_t), threads);
+    for (int t = 0; t < threads; t++) {
+        int64_t start = steps * t / threads * step, end = steps * (t + 1) / threads * step;
+        jobs[t] = (kept_t){(const uint32_t *)x, start, end < n ? end : n, keep, NULL, 0, 0, 0};
+    }
+    int status = run_jobs(kept_work, jobs, sizeof(kept_t), threads);
+    int64_t total = 0;
+    for (int t = 0; t < threads; t++) {
+        status = status ? status : jobs[t].bad;
+        total += jobs[t].count;
+    }
+    float *all = status ? NULL : malloc((size_t)(total ? total : 1) * sizeof(float));
+    if (!status && !all)
+        status = 2;
+    int64_t at = 0;
+    for (int t = 0; t < threads; t++) {
+        if (all && jobs[t].count)
+            memcpy(all + at, jobs[t].buf, (size_t)jobs[t].count * sizeof(float));
+        at += jobs[t].count;
+        free(jobs[t].buf);
+    }
+    *out = all;
+    *count = all ? total : 0;
+    return status;
 }
 
-/* counts[c] = how many scores of step c lie in kept bins. Returns 0, or 2 when a thread could not be had. */
-int critlib_kept_counts(const float *x, int64_t n, int64_t step, const uint8_t *keep, int threads,
-                        int64_t *counts) {
-    return kept_run(x, n, step, keep, threads, counts, NULL);
-}
-
-/* out[offsets[c] ...] = the kept scores of step c, in order. Returns 0, or 2 when a thread could not be had. */
-int critlib_kept_write(const float *x, int64_t n, int64_t step, const uint8_t *keep, int threads,
-                       const int64_t *offsets, float *out) {
-    return kept_run(x, n, step, keep, threads, (int64_t *)offsets, out);
+void critlib_free(void *p) {
+    free(p);
 }
 
 /* Pass 2's counts of one group's kept scores x[0:n], in order, on one thread: where row = slot[b] < rows,

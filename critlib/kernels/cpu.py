@@ -113,10 +113,11 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.critlib_count_kept.restype = ctypes.c_int
     lib.critlib_count_kept.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                                        ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-    for fn, outputs in ((lib.critlib_kept_counts, 1), (lib.critlib_kept_write, 2)):
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
-                       *[ctypes.c_void_p] * outputs]
+    lib.critlib_kept.restype = ctypes.c_int
+    lib.critlib_kept.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
+                                 ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64)]
+    lib.critlib_free.restype = None
+    lib.critlib_free.argtypes = [ctypes.c_void_p]
     threads = "OpenMP threads" if OPENMP in flags else "threads of its own"
     lanes = "AVX2" if lib.critlib_avx2() else "plain C"
     return lib, f"compiled C (critlib/kernels/cpu.c, {found[1]}, {threads}, {lanes})"
@@ -149,22 +150,22 @@ def summarize_steps(x: torch.Tensor, step: int, block: int = 0) -> tuple[torch.T
 
 def kept(x: torch.Tensor, keep: torch.Tensor, step: int) -> torch.Tensor | None:
     """The scores of the 1-D float32 CPU tensor `x` whose bin (top 16 bits) the bool table `keep` [N_BINS]
-    marks, in their order (pass 2 of `critlib.stats`), read in steps of `step` shared among torch's threads;
-    None where the compiled summary is not to be had."""
+    marks, in their order (pass 2 of `critlib.stats`), read once in steps of `step` shared among torch's
+    threads; None where the compiled summary is not to be had."""
     lib = _load()[0]
     if lib is None or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 1 or not x.numel():
         return None
     x, keep = x.contiguous(), keep.to(device="cpu", dtype=torch.bool).contiguous()
-    counts = torch.empty(-(-x.numel() // step), dtype=torch.int64)
-    threads = torch.get_num_threads()
-    if lib.critlib_kept_counts(x.data_ptr(), x.numel(), step, keep.data_ptr(), threads, counts.data_ptr()):
-        return None
-    offsets = torch.cumsum(counts, 0) - counts
-    out = torch.empty(int(counts.sum()), dtype=torch.float32)
-    if lib.critlib_kept_write(x.data_ptr(), x.numel(), step, keep.data_ptr(), threads, offsets.data_ptr(),
-                              out.data_ptr()):
-        return None
-    return out
+    buf, count = ctypes.c_void_p(), ctypes.c_int64()
+    try:
+        if lib.critlib_kept(x.data_ptr(), x.numel(), step, keep.data_ptr(), torch.get_num_threads(),
+                            ctypes.byref(buf), ctypes.byref(count)):
+            return None
+        out = torch.empty(count.value, dtype=torch.float32)
+        ctypes.memmove(out.data_ptr(), buf, count.value * 4)
+        return out
+    finally:
+        lib.critlib_free(buf)
 
 
 def count_kept(x: torch.Tensor, slot: torch.Tensor, floor: int, fine: torch.Tensor, high: torch.Tensor) -> bool:
