@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -52,7 +53,15 @@ def _application_parsers(sub) -> None:
 
 
 def _terminated(signum, frame):
+    _quiet()
     raise KeyboardInterrupt  # so a SIGTERM (kill, a scheduler, torchrun) cleans up as Ctrl-C does
+
+
+def _quiet() -> None:
+    """After an interrupt the process is ending: logging is switched off, so that what the interrupted kernel's
+    client logs on the way out (nbclient's "Kernel died", asyncio's "Task exception was never retrieved" when
+    the interpreter exits) does not follow the one line."""
+    logging.disable(logging.CRITICAL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"critlib: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _quiet()
         print("critlib: interrupted; earlier results were left as they were", file=sys.stderr)
         return 130
 
