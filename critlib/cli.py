@@ -53,15 +53,12 @@ def _application_parsers(sub) -> None:
 
 
 def _terminated(signum, frame):
-    _quiet()
-    raise KeyboardInterrupt  # so a SIGTERM (kill, a scheduler, torchrun) cleans up as Ctrl-C does
-
-
-def _quiet() -> None:
-    """After an interrupt the process is ending: logging is switched off, so that what the interrupted kernel's
-    client logs on the way out (nbclient's "Kernel died", asyncio's "Task exception was never retrieved" when
-    the interpreter exits) does not follow the one line."""
+    """A SIGTERM (kill, a scheduler, torchrun) cleans up as Ctrl-C does. The process is ending, so logging is
+    switched off first: what the kernel's client logs while it is torn down ("Kernel died while waiting for
+    execute reply", and asyncio's never-retrieved DeadKernelError when the interpreter exits) would only
+    surround the one line. Only a real SIGTERM gets here, so an in-process caller's logging is left alone."""
     logging.disable(logging.CRITICAL)
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"critlib: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        _quiet()
         print("critlib: interrupted; earlier results were left as they were", file=sys.stderr)
         return 130
 

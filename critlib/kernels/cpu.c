@@ -85,7 +85,7 @@ static void lanes(const float *restrict x, int64_t len, int64_t block, float *re
 #define HAVE_AVX2 1
 
 /* `lanes` with AVX2 where the CPU has it (checked at run time): the same lanes in the same order, so the
- * same bits, 1.7× as fast on an Intel Xeon. */
+ * same bits, about 1.5× as fast as the plain-C lanes on an Intel Xeon. */
 __attribute__((target("avx2"))) static void lanes_avx2(const float *restrict x, int64_t len, int64_t block,
                                                        float *restrict maxima, acc_t *restrict a,
                                                        uint32_t *restrict counts) {
