@@ -90,11 +90,11 @@ def notebook_path(p: Phase, notebooks: Path | None = None) -> Path:
 
 
 @contextmanager
-def interpreter_kernel():
-    """A kernelspec that runs this interpreter (found first through JUPYTER_PATH), so notebooks import the
-    critlib of this environment whatever other `python3` kernels the user has."""
+def interpreter_kernel(name: str = KERNEL_NAME):
+    """A kernelspec `name` that runs this interpreter (found first through JUPYTER_PATH), so notebooks import
+    the critlib of this environment whatever other kernels the user has installed."""
     with tempfile.TemporaryDirectory(prefix="critlib-kernel-") as d:
-        kdir = Path(d) / "kernels" / KERNEL_NAME
+        kdir = Path(d) / "kernels" / name
         kdir.mkdir(parents=True)
         (kdir / "kernel.json").write_text(json.dumps({
             "argv": [sys.executable, "-c", KERNEL_MAIN, "-f", "{connection_file}", "--log-level=ERROR"],
@@ -102,7 +102,7 @@ def interpreter_kernel():
         old = os.environ.get("JUPYTER_PATH")
         os.environ["JUPYTER_PATH"] = d + (os.pathsep + old if old else "")
         try:
-            yield KERNEL_NAME
+            yield name
         finally:
             if old is None:
                 os.environ.pop("JUPYTER_PATH", None)

@@ -65,12 +65,15 @@ def plain_papermill_page(folder: Path) -> Path:
     import subprocess
     import sys
     from tests.conftest import REPO
+    from critlib.report import interpreter_kernel
     out = folder / "01_plain.ipynb"
-    run = subprocess.run([sys.executable, "-m", "papermill", str(NOTEBOOKS / "01_sensitivity.ipynb"), str(out),
+    # the notebooks' kernel "critlib" is this interpreter, whichever checkout `make setup` last registered
+    with interpreter_kernel("critlib"):
+        run = subprocess.run([sys.executable, "-m", "papermill", str(NOTEBOOKS / "01_sensitivity.ipynb"), str(out),
                           "-f", str(Path(REPO) / "params" / "tiny.yaml"), "-p", "output_dir", str(folder / "data"),
                           "-p", "model", f"synthetic:{REPO}/params/tiny-model.json", "--cwd", REPO,
                           "--no-progress-bar"], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     assert "unknown parameter" not in run.stderr, run.stderr
     conv = subprocess.run([sys.executable, "-m", "nbconvert", "--to", "html", str(out)], capture_output=True,
