@@ -23,7 +23,7 @@ from . import CritlibError
 from .bitflip import EFFECT_KEYS, Evaluator, flips_to_break, random_flips, ranked, single_flips
 from .models import DTYPES
 from .progress import Bar, track
-from .prune import linear_scores, prune_masks, pruned, random_scores
+from .prune import Lowest, linear_scores, pruned, random_scores
 from .quantize import (OUTLIER_BYTES, QuantConfig, budget, keep_sets, kept_originals, linear_weights,
                        quantized)
 from .sensitivity import global_topk
@@ -117,10 +117,12 @@ def score_and_prune(model, windows, cfg: ApplicationsConfig, sens, ev: Evaluator
         if want_quant:
             keeps[sel] = keep_sets(scores, n_max)
         if want_prune:
+            ranked = {pname: Lowest(scores, [lw.name for lw in weights], prot)
+                      for pname, prot in [("", None)] + list(protect.items())}
             for mode in p.prune_modes:
                 for s in p.prune_sparsities:
-                    for pname, prot in [("", None)] + list(protect.items()):
-                        masks = prune_masks(scores, s, mode, prot, [lw.name for lw in weights])
+                    for pname in ranked:
+                        masks = ranked[pname].prune_masks(s, mode)
                         with pruned(model, weights, masks) as info:
                             rows.append(dict(mode=mode, sparsity=s, selector=sel, kind=_kind(sel),
                                              protected=pname and f"top{p.prune_protect_k}:{pname}",
@@ -129,6 +131,7 @@ def score_and_prune(model, windows, cfg: ApplicationsConfig, sens, ev: Evaluator
                                              **_point(ev())))
                         del masks
                         bar.update(1)
+            del ranked
         del scores
     bar.close()
     return keeps, pd.DataFrame(rows)

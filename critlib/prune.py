@@ -24,18 +24,105 @@ from .scores import score_model
 MODES = ("per_layer", "global")
 
 
+PROTECTED = 0x7F800001  # a key above +inf's: never among the lowest
+
+
 def _keys(s: torch.Tensor) -> torch.Tensor:
+    """The scores' fp32 bit patterns as int32 (≥ 0 scores order like their keys): a view of `s` unless a -0.0
+    must become +0.0 (then a copy)."""
     s = s.detach().reshape(-1).float()
     if not bool((s >= 0).all()):  # also false for NaN
         raise CritlibError("pruning scores must be ≥ 0 and not NaN; use |score|")
-    return (s + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    if bool(torch.signbit(s).any()):
+        s = s + 0.0  # turns -0.0 into +0.0
+    return s.view(torch.int32)
 
 
-def _hist(keys: torch.Tensor, shift: int, sel: torch.Tensor | None = None) -> torch.Tensor:
-    part = (keys >> shift) & 0xFFFF if shift == 0 else keys >> shift
-    if sel is not None:
-        part = part[sel]
-    return torch.bincount(part.long(), minlength=1 << 16).cpu()
+class Lowest:
+    """Scores of several tensors prepared for choosing their n lowest again and again (pruning at several
+    sparsities, per tensor or all together): the radix keys and each tensor's histogram of their top 16 bits
+    are made once, so each choice costs one pass to resolve the threshold's bucket and one to mark the mask.
+    Keys are views of the scores where they can be: the scores must not change while this is used."""
+
+    def __init__(self, scores: dict[str, torch.Tensor], order: list[str] | None = None,
+                 protect: dict[str, torch.Tensor] | None = None):
+        self.order = list(order or scores)
+        self.shapes = {name: scores[name].shape for name in self.order}
+        self.keys: dict[str, torch.Tensor] = {}
+        self.n_protected: dict[str, int] = {}
+        self.hi: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # occupied top-16-bit bins and their counts
+        for name in self.order:
+            k = _keys(scores[name])
+            if protect and name in protect and protect[name].numel():
+                k = k.clone() if k.data_ptr() == scores[name].data_ptr() else k
+                k[protect[name].to(k.device)] = PROTECTED
+                self.n_protected[name] = int((k == PROTECTED).sum())
+            self.keys[name] = k
+            counts = torch.bincount(k >> 16, minlength=1 << 16).cpu()
+            bins = counts.nonzero().flatten()
+            self.hi[name] = (bins, counts[bins])
+
+    def masks(self, n: int, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Bool masks of the n lowest scores over the tensors `names` (default: all) together, ties going to
+        the earlier tensor of the order, then the lower flat index; protected weights are never chosen."""
+        names = list(names or self.order)
+        total = sum(self.keys[nm].numel() for nm in names)
+        n_prot = sum(self.n_protected.get(nm, 0) for nm in names)
+        if not 0 <= n <= total - n_prot:
+            raise CritlibError(f"cannot prune {n} weights: only {total - n_prot} of {total} are prunable "
+                               f"({n_prot} protected); lower the sparsity or protect fewer weights")
+        if n == 0:
+            return {nm: torch.zeros(self.shapes[nm], dtype=torch.bool, device=self.keys[nm].device)
+                    for nm in names}
+        hi = torch.zeros(1 << 16, dtype=torch.long)
+        for nm in names:
+            hi.index_add_(0, *self.hi[nm])
+        cum = hi.cumsum(0)
+        b = int(torch.searchsorted(cum, torch.tensor(n), right=False))
+        below = int(cum[b - 1]) if b else 0
+        lo = {}  # per tensor holding keys in bucket b: the counts of their low 16 bits
+        for nm in names:
+            bins, _ = self.hi[nm]
+            if bool((bins == b).any()):
+                k = self.keys[nm]
+                lo[nm] = torch.bincount(k[(k >> 16) == b] & 0xFFFF, minlength=1 << 16).cpu()
+        cum_lo = sum(lo.values()).cumsum(0)
+        l_ = int(torch.searchsorted(cum_lo, torch.tensor(n - below), right=False))
+        below += int(cum_lo[l_ - 1]) if l_ else 0
+        threshold = (b << 16) | l_
+        ties = n - below  # of the keys equal to the threshold, the first `ties` in (tensor, index) order
+        out = {}
+        for nm in names:
+            k = self.keys[nm]
+            n_eq = int(lo[nm][l_]) if nm in lo else 0
+            if ties >= n_eq:
+                m = k <= threshold
+                ties -= n_eq
+            else:
+                m = k < threshold
+                if ties:
+                    m[(k == threshold).nonzero().flatten()[:ties]] = True
+                    ties = 0
+            out[nm] = m.reshape(self.shapes[nm])
+        return out
+
+    def prune_masks(self, sparsity: float, mode: str = "per_layer") -> dict[str, torch.Tensor]:
+        """Masks pruning `sparsity` of the weights: round(s · numel) of each tensor (per_layer) or round(s · N)
+        of all N weights together (global)."""
+        _check(sparsity, mode)
+        if mode == "global":
+            return self.masks(int(round(sparsity * sum(k.numel() for k in self.keys.values()))))
+        out = {}
+        for nm in self.order:
+            out.update(self.masks(int(round(sparsity * self.keys[nm].numel())), [nm]))
+        return out
+
+
+def _check(sparsity: float, mode: str) -> None:
+    if mode not in MODES:
+        raise CritlibError(f"unknown prune mode '{mode}'; choose per_layer or global")
+    if not 0 <= sparsity < 1:
+        raise CritlibError(f"sparsity={sparsity} must lie in [0, 1)")
 
 
 def lowest(scores: dict[str, torch.Tensor], n: int, order: list[str] | None = None,
@@ -43,58 +130,16 @@ def lowest(scores: dict[str, torch.Tensor], n: int, order: list[str] | None = No
     """Bool masks (shaped like each score tensor) of the n lowest scores over all tensors together, ties
     going to the earlier tensor of `order` (default: dict order), then the lower flat index; weights at
     `protect[name]` flat indices are never chosen."""
-    order = list(order or scores)
-    keys = {}
-    for name in order:
-        k = _keys(scores[name])
-        if protect and name in protect and protect[name].numel():
-            k = k.clone()
-            k[protect[name].to(k.device)] = 0x7F800001  # above +inf: never pruned
-        keys[name] = k
-    total = sum(k.numel() for k in keys.values())
-    n_prot = sum(int((keys[nm] == 0x7F800001).sum()) for nm in protect if nm in keys) if protect else 0
-    if not 0 <= n <= total - n_prot:
-        raise CritlibError(f"cannot prune {n} weights: only {total - n_prot} of {total} are prunable "
-                           f"({n_prot} protected); lower the sparsity or protect fewer weights")
-    masks = {name: torch.zeros(scores[name].shape, dtype=torch.bool, device=keys[name].device) for name in order}
-    if n == 0:
-        return masks
-    hi = sum(_hist(k, 16) for k in keys.values())
-    cum = hi.cumsum(0)
-    b = int(torch.searchsorted(cum, torch.tensor(n), right=False))
-    below = int(cum[b - 1]) if b else 0
-    lo = sum(_hist(k, 0, (k >> 16) == b) for k in keys.values())
-    cum_lo = lo.cumsum(0)
-    l_ = int(torch.searchsorted(cum_lo, torch.tensor(n - below), right=False))
-    below += int(cum_lo[l_ - 1]) if l_ else 0
-    threshold = (b << 16) | l_
-    ties = n - below
-    for name in order:
-        k = keys[name]
-        m = (k < threshold)
-        if ties > 0:
-            eq = (k == threshold).nonzero().flatten()[:ties]
-            m[eq] = True
-            ties -= int(eq.numel())
-        masks[name] = m.reshape(scores[name].shape)
-    return masks
+    return Lowest(scores, order, protect).masks(n)
 
 
 def prune_masks(scores: dict[str, torch.Tensor], sparsity: float, mode: str = "per_layer",
                 protect: dict[str, torch.Tensor] | None = None,
                 order: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Masks pruning `sparsity` of the weights: round(s · numel) of each tensor (per_layer) or round(s · N)
-    of all N weights together (global)."""
-    if mode not in MODES:
-        raise CritlibError(f"unknown prune mode '{mode}'; choose per_layer or global")
-    if not 0 <= sparsity < 1:
-        raise CritlibError(f"sparsity={sparsity} must lie in [0, 1)")
-    order = list(order or scores)
-    if mode == "global":
-        n = int(round(sparsity * sum(scores[nm].numel() for nm in order)))
-        return lowest(scores, n, order, protect)
-    return {nm: lowest({nm: scores[nm]}, int(round(sparsity * scores[nm].numel())), [nm],
-                       {nm: protect[nm]} if protect and nm in protect else None)[nm] for nm in order}
+    of all N weights together (global). To prune at several sparsities, make one `Lowest` and ask it."""
+    _check(sparsity, mode)
+    return Lowest(scores, order, protect).prune_masks(sparsity, mode)
 
 
 @dataclass

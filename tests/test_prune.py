@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from critlib import CritlibError
-from critlib.prune import linear_scores, lowest, prune_masks, pruned, random_scores
+from critlib.prune import Lowest, linear_scores, lowest, prune_masks, pruned, random_scores
 from critlib.quantize import linear_weights
 from tests.conftest import tiny
 
@@ -50,6 +50,23 @@ def test_masks_equal_full_sort(mode, sparsity):
         assert sum(int(m.sum()) for m in got.values()) == round(sparsity * sum(x.numel() for x in s.values()))
     else:
         assert all(int(got[n].sum()) == round(sparsity * s[n].numel()) for n in order)
+
+
+def test_one_lowest_serves_every_sparsity_and_mode_and_leaves_the_scores_alone():
+    """What score_and_prune does: one `Lowest` per selector asked again and again, each answer the full sort's."""
+    s = tied_scores(2)
+    before = {n: t.clone() for n, t in s.items()}
+    protect = {"a": torch.tensor([3, 7, 11]), "b": torch.tensor([0])}
+    order = ["c", "a", "b"]
+    for prot in (None, protect):
+        ranked = Lowest(s, order, prot)
+        for mode in ("global", "per_layer", "global"):
+            for sparsity in (0.7, 0.0, 0.25, 0.5):
+                got = ranked.prune_masks(sparsity, mode)
+                ref = ref_masks(s, sparsity, mode, order, prot)
+                assert all(torch.equal(got[n], ref[n]) for n in order), (prot is None, mode, sparsity)
+    for n in s:  # -0.0 stays -0.0, the protected scores stay theirs: keys that differ are copies
+        assert torch.equal(s[n].view(torch.int32), before[n].view(torch.int32))
 
 
 def test_protected_never_pruned_and_count_exact():
