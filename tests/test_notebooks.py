@@ -166,3 +166,19 @@ def test_phase_outputs(tiny_report):
         m = json.loads((tiny_report / f"manifest_{key}.json").read_text())
         assert m["phase1_from_cache"] is True, f"{key} rescored Phase 1 instead of using the run's cache"
         assert m["params"]["output_dir"] == str(tiny_report)
+
+
+def test_a_notebook_in_another_checkout_warns_which_critlib_it_runs(tmp_path, recwarn):
+    """The "critlib" kernel is the .venv of the clone where `make setup` last ran: a notebook of another
+    clone says so instead of silently running other code."""
+    from critlib.run.notebook import check_checkout
+    from tests.conftest import REPO
+    check_checkout(Path(REPO))
+    assert not recwarn.list
+    (tmp_path / "critlib").mkdir()
+    (tmp_path / "critlib" / "__init__.py").write_text("")
+    with pytest.warns(UserWarning, match=r"run `make setup` in .*") as got:
+        check_checkout(tmp_path)
+    assert str(tmp_path.resolve()) in str(got[0].message)
+    check_checkout(tmp_path / "elsewhere")  # not a checkout: nothing to compare
+    assert not recwarn.list

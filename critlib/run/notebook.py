@@ -4,6 +4,7 @@ the model and data loaded, and the folder it writes to."""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from ..params import Params, load_params, valid_keys
@@ -39,8 +40,22 @@ def params_from(namespace: dict) -> Params:
     cwd = Path.cwd()
     if cwd.name == "notebooks" and (cwd.parent / "params").is_dir():
         os.chdir(cwd.parent)
+    check_checkout(Path.cwd())
     overrides = {k: namespace[k] for k in valid_keys() if namespace.get(k) is not None}
     return load_params(namespace.get("params_file"), overrides)
+
+
+def check_checkout(root: Path) -> None:
+    """Warn when the checkout at `root` is not the one whose critlib this kernel imports: the "critlib"
+    kernel is the .venv of the clone where `make setup` last ran, so a notebook opened in another clone would
+    silently run that clone's code."""
+    import critlib
+    here = root / "critlib" / "__init__.py"
+    used = Path(critlib.__file__)
+    if here.is_file() and not here.resolve().samefile(used.resolve()):
+        warnings.warn(f"this notebook's checkout is {root.resolve()}, but its kernel imports critlib from "
+                      f"{used.resolve().parent}; run `make setup` in {root.resolve()} to make the 'critlib' "
+                      "kernel this checkout's .venv", stacklevel=3)
 
 
 def outdir_of(params: Params, namespace: dict | None = None) -> Path:
