@@ -158,12 +158,34 @@ class Pruned:
 
 @contextmanager
 def pruned(model: torch.nn.Module, weights: list[LinearWeight], masks: dict[str, torch.Tensor]):
-    """Zero the masked weights for the block; only the masked values are saved, and restored on exit."""
+    """Zero the masked weights for the block and put back every bit on exit. Of each tensor, what is saved
+    is what takes less memory: the masked weights (their values and int64 indices) or the whole tensor (from
+    a third of an fp32 tensor pruned on, a fifth of a bf16 one: at 70% of a bf16 model, 1× its size instead
+    of 3.5×)."""
     params = {lw.name: lw.param for lw in weights}
-    with edited(params, {name: masks[name] for name in params if name in masks}, lambda *_: 0.0) as edit:
-        info = Pruned(sum(p.numel() for p in params.values()), edit.n_selected, edit.n_changed,
-                      sum(int((p.detach() == 0).sum()) for p in params.values()))
-        yield info
+    where, whole, n_masked = {}, {}, 0
+    for name, p in params.items():
+        if name not in masks:
+            continue
+        m = masks[name]
+        if m.dtype != torch.bool or m.numel() != p.numel():
+            raise CritlibError(f"the pruning mask for {name} is {m.dtype} {tuple(m.shape)}; give a bool mask "
+                               f"shaped like the parameter {tuple(p.shape)}")
+        n = int(m.sum())
+        n_masked += n
+        if n * (8 + p.element_size()) > p.numel() * p.element_size():
+            where[name], whole[name] = None, m
+        else:
+            where[name] = m
+
+    def zero(name, p, index, old):
+        if index is None:
+            return old.masked_fill(whole[name].to(old.device).reshape(old.shape), 0.0)
+        return 0.0
+
+    with edited(params, where, zero) as edit:
+        yield Pruned(sum(p.numel() for p in params.values()), n_masked, edit.n_changed,
+                     sum(int((p.detach() == 0).sum()) for p in params.values()))
 
 
 def linear_scores(model: torch.nn.Module, windows: torch.Tensor, metric: str, weights: list[LinearWeight],

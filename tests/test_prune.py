@@ -113,7 +113,10 @@ def test_pruned_model_has_exact_sparsity_protects_and_restores(mode):
         assert torch.equal(p.detach().view(torch.int32), before[n].view(torch.int32))
 
 
-def test_pruned_counts_bit_changes_and_restores_signed_zeros():
+@pytest.mark.parametrize("share", [0.0, 0.5], ids=["values-saved", "tensor-saved"])
+def test_pruned_counts_bit_changes_and_restores_signed_zeros(share):
+    """Both ways of saving (the masked values, or the whole tensor from a third pruned on) count the same
+    changes and put back every bit."""
     m = tiny("tiny-llama")
     weights = linear_weights(m)
     w = weights[0].param
@@ -122,10 +125,19 @@ def test_pruned_counts_bit_changes_and_restores_signed_zeros():
     before = w.detach().clone()
     mask = torch.zeros(w.shape, dtype=torch.bool)
     mask.view(-1)[:3] = True
+    extra = torch.arange(3, w.numel())[torch.randperm(w.numel() - 3, generator=torch.Generator().manual_seed(0))]
+    mask.view(-1)[extra[: int(share * w.numel())]] = True
+    n = int(mask.sum())
+    nonzero_bits = int((before.view(torch.int32)[mask] != 0).sum())  # all but the +0.0
     with pruned(m, weights, {weights[0].name: mask}) as info:
-        assert (info.n_masked, info.n_changed) == (3, 2)  # +0.0 stays, -0.0 becomes +0.0, 1.0 becomes +0.0
-        assert (w.detach().view(-1)[:3].view(torch.int32) == 0).all()
+        assert (info.n_masked, info.n_changed) == (n, nonzero_bits)
+        assert (w.detach()[mask].view(torch.int32) == 0).all()  # -0.0 became +0.0 too
+        assert torch.equal(w.detach()[~mask], before[~mask])
+        assert info.n_zero == int((before[~mask] == 0).sum()) + n
     assert torch.equal(w.detach().view(torch.int32), before.view(torch.int32))
+    with pytest.raises(CritlibError, match="bool mask shaped like"):
+        with pruned(m, weights, {weights[0].name: mask.reshape(-1)[:-1]}):
+            pass
 
 
 def test_linear_scores_magnitude_and_wanda(windows):
