@@ -70,9 +70,9 @@ def plain_papermill_page(folder: Path) -> Path:
     # the notebooks' kernel "critlib" is this interpreter, whichever checkout `make kernel` last registered
     with interpreter_kernel("critlib"):
         run = subprocess.run([sys.executable, "-m", "papermill", str(NOTEBOOKS / "01_sensitivity.ipynb"), str(out),
-                          "-f", str(Path(REPO) / "params" / "tiny.yaml"), "-p", "output_dir", str(folder / "data"),
-                          "-p", "model", f"synthetic:{REPO}/params/tiny-model.json", "--cwd", REPO,
-                          "--no-progress-bar"], capture_output=True, text=True, timeout=600,
+                              "-f", str(Path(REPO) / "params" / "tiny.yaml"), "-p", "output_dir",
+                              str(folder / "data"), "-p", "model", f"synthetic:{REPO}/params/tiny-model.json",
+                              "--cwd", REPO, "--no-progress-bar"], capture_output=True, text=True, timeout=600,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     assert "unknown parameter" not in run.stderr, run.stderr
