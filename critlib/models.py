@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -280,6 +281,37 @@ def _raise_if_damaged(path: Path, default: bool) -> None:
         raise CritlibError(f"GGUF file {path} is {damage}; {fix}")
 
 
+@contextmanager
+def _gguf_parsed_once():
+    """While transformers loads a GGUF: it parses the file's header once for the config, again for the
+    weights and again for the tokenizer (a `gguf.GGUFReader` each, seconds for a 49K-token vocabulary), and
+    builds gguf's tensor-name map once per module (hundreds of times, the same map). Here each is made once
+    and shared; the readers only read. Both names are looked up in `gguf` when transformers needs them, so
+    this swaps them there for the duration (a gguf without them: nothing is swapped)."""
+    import gguf
+    if not (hasattr(gguf, "GGUFReader") and hasattr(gguf, "get_tensor_name_map")):
+        yield
+        return
+    real = {"GGUFReader": gguf.GGUFReader, "get_tensor_name_map": gguf.get_tensor_name_map}
+    made: dict = {}
+
+    def once(name):
+        def make(*args, **kwargs):
+            key = (name, tuple(os.fspath(a) if isinstance(a, Path) else a for a in args),
+                   tuple(sorted(kwargs.items())))
+            if key not in made:
+                made[key] = real[name](*args, **kwargs)
+            return made[key]
+        return make
+    try:
+        for name in real:
+            setattr(gguf, name, once(name))
+        yield
+    finally:
+        for name, f in real.items():
+            setattr(gguf, name, f)
+
+
 def _gguf_model(path: Path, sha256: str, dtype: str, default: bool) -> torch.nn.Module:
     """The dequantized model of a GGUF file in `dtype` (on the CPU): from the cache when a whole copy is there,
     else dequantized by transformers and then cached. Both give the same bits (safetensors stores them as is)."""
@@ -483,9 +515,10 @@ def load_model(source: str = "default", dtype: str = "fp32", device: str = "auto
                 if not path.is_file():
                     raise CritlibError(f"GGUF file {path} does not exist; check the path")
                 sha256 = gguf_sha256(path)
-                model = _gguf_model(path, sha256, dtype, default=_is_default(path))
+                with _gguf_parsed_once():  # the config, the weights and the tokenizer from one parse
+                    model = _gguf_model(path, sha256, dtype, default=_is_default(path))
+                    tok = load_tokenizer(str(path)) if tokenizer is None else None
                 info.update(kind="gguf", file=str(path.name), sha256=sha256)
-                tok = load_tokenizer(str(path)) if tokenizer is None else None
             else:
                 placement = {} if device_map is None else \
                     {"device_map": device_map, "max_memory": parse_max_memory(max_memory)}

@@ -108,11 +108,18 @@ def load(path, dtype="fp32"):
 
 @pytest.fixture(scope="module")
 def direct(tiny_gguf):
-    """The tiny GGUF loaded by transformers itself, caching off, in each dtype."""
-    from transformers import AutoModelForCausalLM
+    """The tiny GGUF loaded by transformers itself, caching off, in each dtype. load_model parses the GGUF once
+    for the config, the weights and the tokenizer (`models._gguf_parsed_once`): the same model and tokenizer
+    as transformers' own three parses, and gguf's names are its own again afterwards."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    names = (gguf.GGUFReader, gguf.get_tensor_name_map)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CRITLIB_CACHE", "off")
         out = {dtype: load(tiny_gguf, dtype) for dtype in ("fp32", "bf16")}
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == names
+    assert_same_tokenizer(out["fp32"].tokenizer,
+                          AutoTokenizer.from_pretrained(str(tiny_gguf.parent), gguf_file=tiny_gguf.name))
     for dtype, loaded in out.items():  # with caching off, load_model gives transformers' own dequantization
         raw = AutoModelForCausalLM.from_pretrained(str(tiny_gguf.parent), gguf_file=tiny_gguf.name,
                                                    dtype=models.DTYPES[dtype])
@@ -359,8 +366,11 @@ def test_a_truncated_gguf_says_so(tiny_gguf, cache, tmp_path, keep):
     n = {"all but 10": len(data) - 10, "half": len(data) // 2}.get(keep, keep)
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(data[:n])
+    import gguf
+    names = (gguf.GGUFReader, gguf.get_tensor_name_map)
     msg = one_line_error(load_model, str(cut), "fp32", "cpu", match=r"is (truncated|damaged|empty|truncated or damaged)")
     assert "download it again" in msg and "reshape" not in msg
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == names  # the one-parse swap is undone on errors too
     load_tokenizer.cache_clear()
     one_line_error(load_tokenizer, str(cut), match="truncated|empty")
     assert not (cache / "gguf").exists() or not any((cache / "gguf").iterdir())
