@@ -299,6 +299,10 @@ def _gguf_parsed_once():
         def make(*args, **kwargs):
             key = (name, tuple(os.fspath(a) if isinstance(a, Path) else a for a in args),
                    tuple(sorted(kwargs.items())))
+            try:
+                hash(key)
+            except TypeError:  # arguments this cannot key: made afresh, as without this
+                return real[name](*args, **kwargs)
             if key not in made:
                 made[key] = real[name](*args, **kwargs)
             return made[key]

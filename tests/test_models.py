@@ -436,3 +436,17 @@ def test_default_model_from_the_cache_is_bit_identical(tmp_path, monkeypatch):
     w_ref = load_windows("default", ref.tokenizer, 128, 2, 4)
     w_cached = load_windows("default", cached.tokenizer, 128, 2, 4)
     assert w_ref.sha256 == w_cached.sha256
+
+
+def test_one_gguf_parse_is_shared_while_loading(tiny_gguf):
+    """`_gguf_parsed_once`: the same reader (and tensor-name map) for the same arguments while it lasts, a new
+    one for other arguments, and gguf's own names back afterwards."""
+    import gguf
+    names = (gguf.GGUFReader, gguf.get_tensor_name_map)
+    with models._gguf_parsed_once():
+        first = gguf.GGUFReader(tiny_gguf)
+        assert gguf.GGUFReader(str(tiny_gguf)) is first
+        assert gguf.GGUFReader(tiny_gguf, "r") is not first
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == names
+    assert gguf.GGUFReader(tiny_gguf) is not first
