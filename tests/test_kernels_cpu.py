@@ -188,7 +188,10 @@ def test_pass_two_counts_are_torchs_bit_for_bit(floor):
     assert torch.equal(fine, ref) and int(fine.sum()) == int(mine.sum())
     assert torch.equal(high, start + torch.bincount(hi[up], weights=x[up].double(), minlength=N_BINS))
     x[7] = -1.0
+    counted = fine.clone(), high.clone()
     assert not cpu.count_kept(x, slot, floor, fine, high)
+    assert torch.equal(fine, counted[0]) and torch.equal(high, counted[1])  # refused before counting: torch's
+    # path then counts the whole chunk once, not on top of a part
 
 
 def test_statistics_agree_with_and_without_the_compiled_summary(monkeypatch):
